@@ -1,0 +1,227 @@
+"""Calibration in three small steps: range -> scale and zero point -> codes.
+
+1. :func:`calibrate` finds a range ``(lo, hi)`` per scale entry (per channel / group),
+2. :func:`compute_scale` turns the range into ``scale`` and ``zero_point``,
+3. :func:`quantize_codes` rounds a tensor onto the grid those define.
+
+GPTQ, static activation scales and AWQ's clip search reuse these pieces.
+
+All statistics have the *scale shape* of :class:`~jaxquant.core.spec.Layout`: the tensor's
+rank, full size on channel axes, ``n // group_size`` on the grouped axis, 1 elsewhere.
+Internally the grouped axis ``a`` of size ``n`` is viewed as ``(n // g, g)`` ("grouped view").
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxquant.core.qtypes import get_qtype
+from jaxquant.core.spec import Layout, QuantSpec
+
+
+# --- grouped view -------------------------------------------------------------------------------
+def to_grouped(x: jax.Array, layout: Layout) -> jax.Array:
+    """``[..., n, ...] -> [..., n // g, g, ...]`` on the grouped axis (identity if none)."""
+    a = layout.group_axis
+    if a is None:
+        return x
+    g = layout.group_size
+    return x.reshape(x.shape[:a] + (x.shape[a] // g, g) + x.shape[a + 1 :])
+
+
+def from_grouped(x: jax.Array, layout: Layout) -> jax.Array:
+    """Inverse of :func:`to_grouped`."""
+    a = layout.group_axis
+    if a is None:
+        return x
+    return x.reshape(x.shape[:a] + (x.shape[a] * x.shape[a + 1],) + x.shape[a + 2 :])
+
+
+def expand_stat(s: jax.Array, layout: Layout) -> jax.Array:
+    """Scale-shaped ``s`` -> broadcastable against the grouped view."""
+    if s is None or layout.group_axis is None:
+        return s
+    return jnp.expand_dims(s, layout.group_axis + 1)
+
+
+def _reduce_axes(layout: Layout) -> tuple[int, ...]:
+    """Axes of the grouped view that a scale entry reduces over."""
+    a = layout.group_axis
+    axes = []
+    for ax in range(len(layout.shape)):
+        if ax in layout.channel_axes:
+            continue
+        if a is None or ax < a:
+            axes.append(ax)
+        elif ax == a:
+            axes.append(ax + 1)  # inside a group; the outer (group index) axis keeps its scale
+        else:
+            axes.append(ax + 1)
+    return tuple(axes)
+
+
+def _reduce(fn, xg: jax.Array, layout: Layout) -> jax.Array:
+    r = fn(xg, axis=_reduce_axes(layout), keepdims=True)
+    if layout.group_axis is not None:
+        r = jnp.squeeze(r, layout.group_axis + 1)
+    return r
+
+
+# --- step 1: range ------------------------------------------------------------------------------
+def calibrate(x: jax.Array, spec: QuantSpec, layout: Layout) -> tuple[jax.Array, jax.Array]:
+    """Range of ``x`` per scale entry.
+
+    Args:
+      x: the tensor, shape ``layout.shape``.
+      spec: the spec (``calibration`` picks the method).
+      layout: ``resolve_layout(spec, x.shape)``.
+
+    Returns:
+      ``(lo, hi)``, each of ``layout.scale_shape``, float32. Symmetric specs give ``lo = -hi``.
+    """
+    xg = to_grouped(x.astype(jnp.float32), layout)
+    method = spec.calibration
+    if method == "percentile":
+        p = float(spec.percentile)
+        axes = _reduce_axes(layout)
+
+        def pct(v, q):
+            r = jnp.percentile(v, q, axis=axes, keepdims=True)
+            return r if layout.group_axis is None else jnp.squeeze(r, layout.group_axis + 1)
+
+        if spec.symmetric:
+            hi = pct(jnp.abs(xg), p)
+            return -hi, hi
+        return pct(xg, 100.0 - p), pct(xg, p)
+    lo = _reduce(jnp.min, xg, layout)
+    hi = _reduce(jnp.max, xg, layout)
+    if spec.symmetric:
+        hi = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+        lo = -hi
+    if method == "mse":
+        lo, hi = _mse_search(xg, lo, hi, spec, layout)
+    return lo, hi
+
+
+def _mse_search(xg, lo, hi, spec: QuantSpec, layout: Layout):
+    """Shrinks ``(lo, hi)`` by the ratio in ``[mse_min_ratio, 1]`` minimising the squared error."""
+    ratios = jnp.linspace(1.0, spec.mse_min_ratio, spec.mse_grid)
+
+    def err_for(r):
+        lo_r, hi_r = lo * r, hi * r
+        scale, zp = compute_scale(lo_r, hi_r, spec)
+        q = quantize_codes(xg, scale, zp, spec, layout, grouped=True)
+        xh = dequantize_codes(q, scale, zp, spec.qtype, layout, grouped=True)
+        return _reduce(jnp.sum, (xh - xg) ** 2, layout)
+
+    errs = jax.lax.map(err_for, ratios)  # [grid, *scale_shape]; one candidate in memory at a time
+    best = ratios[jnp.argmin(errs, axis=0)]
+    return lo * best, hi * best
+
+
+# --- step 2: scale and zero point ---------------------------------------------------------------
+def compute_scale(
+    lo: jax.Array, hi: jax.Array, spec: QuantSpec
+) -> tuple[jax.Array, jax.Array | None]:
+    """Scale and zero point from a range.
+
+    Symmetric: ``scale = max(|lo|, |hi|) / max_value``. Asymmetric (int):
+    ``scale = (hi - lo) / (qmax - qmin)`` and ``zero_point = qmin - lo / scale`` (a float, so
+    ``lo`` and ``hi`` are both exactly on the grid, as in GGUF's Q4_1).
+
+    An all-zero range gives ``scale = 1`` so that codes and the dequantized values are 0, not NaN.
+
+    Returns:
+      ``(scale, zero_point)``; ``zero_point`` is None when symmetric.
+    """
+    qt = spec.qt
+    dtype = jnp.dtype(spec.scale_dtype)
+    if spec.symmetric:
+        amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+        scale = amax / qt.max_value
+        scale = jnp.where(scale > 0, scale, 1.0).astype(dtype)
+        return scale, None
+    span = hi - lo
+    scale = span / (qt.qmax - qt.qmin)
+    scale = jnp.where(scale > 0, scale, 1.0).astype(dtype)
+    zero_point = (qt.qmin - lo / scale.astype(jnp.float32)).astype(dtype)
+    return scale, zero_point
+
+
+# --- step 3: codes ------------------------------------------------------------------------------
+def round_values(v: jax.Array, rounding: str, key: jax.Array | None) -> jax.Array:
+    """Rounds to the nearest integer, or stochastically (``floor(v + u)``, ``u ~ U[0, 1)``)."""
+    if rounding == "nearest":
+        return jnp.round(v)
+    if key is None:
+        raise ValueError("rounding='stochastic' needs a PRNG key: pass key=jax.random.key(...).")
+    return jnp.floor(v + jax.random.uniform(key, v.shape, jnp.float32))
+
+
+def quantize_codes(
+    x: jax.Array,
+    scale: jax.Array,
+    zero_point: jax.Array | None,
+    spec: QuantSpec,
+    layout: Layout,
+    *,
+    key: jax.Array | None = None,
+    grouped: bool = False,
+) -> jax.Array:
+    """Codes of ``x`` on the grid of ``(scale, zero_point)``, unpacked.
+
+    Args:
+      x: shape ``layout.shape`` (or its grouped view if ``grouped``).
+      scale, zero_point: ``layout.scale_shape``.
+      spec: the spec (format and rounding).
+      layout: the resolved layout.
+      key: PRNG key for stochastic rounding.
+      grouped: whether ``x`` is already in grouped view (the result then is too).
+
+    Returns:
+      int8 codes (ints: clipped to the format's range; codebooks: indices 0..15), or float8
+      values for fp8, in the shape of ``x``.
+    """
+    qt = spec.qt
+    xg = x if grouped else to_grouped(x, layout)
+    s = expand_stat(scale, layout).astype(jnp.float32)
+    v = xg.astype(jnp.float32) / s
+    if qt.kind == "int":
+        if zero_point is not None:
+            v = v + expand_stat(zero_point, layout).astype(jnp.float32)
+            lo, hi = qt.qmin, qt.qmax
+        else:
+            lo, hi = -qt.qmax, qt.qmax
+        q = jnp.clip(round_values(v, spec.rounding, key), lo, hi).astype(jnp.int8)
+    elif qt.kind == "float":
+        q = jnp.clip(v, -qt.max_value, qt.max_value).astype(qt.storage_dtype)
+    else:
+        cb = jnp.asarray(qt.codebook)
+        mids = (cb[1:] + cb[:-1]) / 2
+        q = jnp.searchsorted(mids, jnp.clip(v, -1.0, 1.0), side="left").astype(jnp.int8)
+    return q if grouped else from_grouped(q, layout)
+
+
+def dequantize_codes(
+    q: jax.Array,
+    scale: jax.Array,
+    zero_point: jax.Array | None,
+    qtype: str,
+    layout: Layout,
+    *,
+    dtype=jnp.float32,
+    grouped: bool = False,
+) -> jax.Array:
+    """``(q - zero_point) * scale`` (ints), ``q * scale`` (fp8), ``codebook[q] * scale``."""
+    qt = get_qtype(qtype)
+    qg = q if grouped else to_grouped(q, layout)
+    s = expand_stat(scale, layout).astype(jnp.float32)
+    if qt.kind == "codebook":
+        v = jnp.asarray(qt.codebook)[qg.astype(jnp.int32)]
+    else:
+        v = qg.astype(jnp.float32)
+    if zero_point is not None:
+        v = v - expand_stat(zero_point, layout).astype(jnp.float32)
+    out = (v * s).astype(dtype)
+    return out if grouped else from_grouped(out, layout)

@@ -1,0 +1,77 @@
+"""Sub-byte packing: two 4-bit or four 2-bit codes per byte, jit-friendly.
+
+Codes are packed along one axis (``axis``): element ``k * i + j`` of that axis goes to bits
+``[bits * j, bits * (j + 1))`` of byte ``i`` (little-endian within the byte, like GGUF/GPTQ).
+An axis whose length is not a multiple of ``k = 8 // bits`` is zero-padded; :func:`unpack`
+slices the padding off again.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def packed_length(n: int, bits: int) -> int:
+    """Bytes needed for ``n`` codes of ``bits`` bits along an axis."""
+    k = 8 // bits
+    return -(-n // k)
+
+
+def pack(codes: jax.Array, bits: int, axis: int) -> jax.Array:
+    """Packs integer codes into ``uint8``.
+
+    Args:
+      codes: integer codes of any int dtype; only their low ``bits`` bits are kept, so signed
+        and unsigned codes both work. Shape ``[..., n, ...]``.
+      bits: 2 or 4.
+      axis: the axis to pack along.
+
+    Returns:
+      ``uint8`` array of shape ``[..., ceil(n * bits / 8), ...]``.
+    """
+    if bits not in (2, 4):
+        raise ValueError(f"pack supports bits=2 or 4, got {bits}.")
+    k = 8 // bits
+    axis = axis % codes.ndim
+    n = codes.shape[axis]
+    pad = (-n) % k
+    c = codes.astype(jnp.uint8) & jnp.uint8((1 << bits) - 1)
+    if pad:
+        widths = [(0, 0)] * c.ndim
+        widths[axis] = (0, pad)
+        c = jnp.pad(c, widths)
+    c = c.reshape(c.shape[:axis] + ((n + pad) // k, k) + c.shape[axis + 1 :])
+    shifts = (jnp.arange(k, dtype=jnp.uint8) * bits).reshape((k,) + (1,) * (c.ndim - axis - 2))
+    # The shifted codes occupy disjoint bits, so their sum is their bitwise OR.
+    return jnp.sum(c << shifts, axis=axis + 1, dtype=jnp.uint8)
+
+
+def unpack(packed: jax.Array, bits: int, axis: int, n: int, *, signed: bool) -> jax.Array:
+    """Inverse of :func:`pack`.
+
+    Args:
+      packed: ``uint8`` array from :func:`pack`.
+      bits: 2 or 4.
+      axis: the packed axis.
+      n: the original length of that axis.
+      signed: sign-extend the codes (int formats) or not (codebook indices).
+
+    Returns:
+      ``int8`` codes with ``n`` elements along ``axis``.
+    """
+    if bits not in (2, 4):
+        raise ValueError(f"unpack supports bits=2 or 4, got {bits}.")
+    k = 8 // bits
+    axis = axis % packed.ndim
+    p = jnp.expand_dims(packed.astype(jnp.uint8), axis + 1)
+    shifts = (jnp.arange(k, dtype=jnp.uint8) * bits).reshape((k,) + (1,) * (packed.ndim - axis - 1))
+    c = (p >> shifts) & jnp.uint8((1 << bits) - 1)
+    c = c.astype(jnp.int8)
+    if signed:
+        sign = jnp.int8(1 << (bits - 1))
+        c = (c ^ sign) - sign
+    c = c.reshape(packed.shape[:axis] + (packed.shape[axis] * k,) + packed.shape[axis + 1 :])
+    if c.shape[axis] != n:
+        c = jax.lax.slice_in_dim(c, 0, n, axis=axis)
+    return c

@@ -1,0 +1,168 @@
+"""Numeric formats: what a quantized code can hold.
+
+Three kinds of format:
+
+* ``int``: signed integers ``int2`` .. ``int8``, codes in ``[-2**(N-1), 2**(N-1) - 1]``.
+  Symmetric quantization uses the symmetric range ``[-qmax, qmax]`` (``qmax = 2**(N-1) - 1``)
+  so that zero is exact and the grid is mirror-symmetric; asymmetric quantization uses the
+  full range with a zero point.
+* ``float``: ``fp8_e4m3`` and ``fp8_e5m2``, stored in the jnp float8 dtypes. The scale maps
+  the calibrated range onto the format's largest finite value.
+* ``codebook``: ``nf4`` (the 16 normal quantiles of QLoRA) and ``fp4_e2m1``. Codes are
+  unsigned 4-bit indices into a fixed table of values in ``[-1, 1]``.
+
+Sub-byte formats (``bits <= 4``) are packed: two 4-bit or four 2-bit codes per byte.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+# The NF4 table of QLoRA (Dettmers et al. 2023, appendix E): quantiles of N(0, 1) normalised
+# to [-1, 1], with an exact zero. 7 negative values, zero, 8 positive values.
+NF4_CODEBOOK = np.array(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    dtype=np.float32,
+)
+
+# The 15 distinct values of fp4 e2m1 (OCP MX spec), divided by its max 6 so the table spans
+# [-1, 1]; -0 is dropped so that every code is a distinct value (16th entry repeats +0).
+_E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=np.float32)
+FP4_CODEBOOK = np.concatenate([-_E2M1[:0:-1], _E2M1, [6.0]]) / 6.0
+FP4_CODEBOOK = FP4_CODEBOOK.astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class QType:
+    """A numeric format.
+
+    Attributes:
+      name: canonical name, e.g. ``"int4"``.
+      kind: ``"int"``, ``"float"`` or ``"codebook"``.
+      bits: bits per code.
+      storage_dtype: dtype of the stored codes before packing (``int8`` for int and codebook,
+        the float8 dtype for fp8).
+      max_value: largest finite magnitude of the code grid (``qmax`` for ints, the format's
+        max for fp8, 1.0 for codebooks).
+    """
+
+    name: str
+    kind: str
+    bits: int
+    storage_dtype: object
+    max_value: float
+
+    @property
+    def packed(self) -> bool:
+        """Whether codes are packed several to a byte."""
+        return self.bits <= 4 and self.kind != "float"
+
+    @property
+    def storage_bits(self) -> int:
+        """Bits each code occupies once packed (int3 rides in a 4-bit nibble)."""
+        if not self.packed:
+            return 8
+        return 2 if self.bits <= 2 else 4
+
+    @property
+    def codes_per_byte(self) -> int:
+        return 8 // self.storage_bits
+
+    @property
+    def qmin(self) -> int:
+        """Smallest integer code (ints: ``-2**(N-1)``; codebooks: 0)."""
+        if self.kind == "int":
+            return -(2 ** (self.bits - 1))
+        return 0
+
+    @property
+    def qmax(self) -> int:
+        """Largest integer code (ints: ``2**(N-1) - 1``; codebooks: 15)."""
+        if self.kind == "int":
+            return 2 ** (self.bits - 1) - 1
+        return 2**self.bits - 1
+
+    @property
+    def codebook(self) -> np.ndarray | None:
+        if self.name == "nf4":
+            return NF4_CODEBOOK
+        if self.name == "fp4_e2m1":
+            return FP4_CODEBOOK
+        return None
+
+
+def _build_registry() -> dict[str, QType]:
+    reg = {}
+    for n in range(2, 9):
+        reg[f"int{n}"] = QType(f"int{n}", "int", n, jnp.int8, float(2 ** (n - 1) - 1))
+    reg["fp8_e4m3"] = QType(
+        "fp8_e4m3", "float", 8, jnp.float8_e4m3fn, float(jnp.finfo(jnp.float8_e4m3fn).max)
+    )
+    reg["fp8_e5m2"] = QType(
+        "fp8_e5m2", "float", 8, jnp.float8_e5m2, float(jnp.finfo(jnp.float8_e5m2).max)
+    )
+    reg["nf4"] = QType("nf4", "codebook", 4, jnp.int8, 1.0)
+    reg["fp4_e2m1"] = QType("fp4_e2m1", "codebook", 4, jnp.int8, 1.0)
+    return reg
+
+
+QTYPES: dict[str, QType] = _build_registry()
+
+_DTYPE_ALIASES = {
+    np.dtype(jnp.int8): "int8",
+    np.dtype(jnp.int4): "int4",
+    np.dtype(jnp.int2): "int2",
+    np.dtype(jnp.float8_e4m3fn): "fp8_e4m3",
+    np.dtype(jnp.float8_e5m2): "fp8_e5m2",
+}
+_NAME_ALIASES = {"e4m3": "fp8_e4m3", "e5m2": "fp8_e5m2", "fp8": "fp8_e4m3", "fp4": "fp4_e2m1"}
+
+
+def canonical_qtype(qtype) -> str:
+    """Returns the canonical name of ``qtype`` (a name or a jnp dtype).
+
+    Raises:
+      ValueError: if ``qtype`` is not a supported format.
+    """
+    if isinstance(qtype, QType):
+        return qtype.name
+    if isinstance(qtype, str):
+        name = _NAME_ALIASES.get(qtype.lower(), qtype.lower())
+        if name in QTYPES:
+            return name
+    else:
+        try:
+            dt = np.dtype(qtype)
+        except TypeError:
+            dt = None
+        if dt in _DTYPE_ALIASES:
+            return _DTYPE_ALIASES[dt]
+    raise ValueError(
+        f"Unsupported qtype {qtype!r}. Use one of {sorted(QTYPES)} "
+        "or the dtypes jnp.int8, jnp.int4, jnp.int2, jnp.float8_e4m3fn, jnp.float8_e5m2."
+    )
+
+
+def get_qtype(qtype) -> QType:
+    """Looks up a :class:`QType` by name or jnp dtype."""
+    return QTYPES[canonical_qtype(qtype)]
