@@ -28,3 +28,39 @@ __all__ = [
     "resolve_layout",
     "unpack",
 ]
+
+from jaxquant.core.dot_config import (  # noqa: E402
+    BackwardSpec,
+    DotGeneralConfig,
+    fp8,
+    fully_quantized,
+    w8a8,
+    weight_only,
+)
+from jaxquant.core.dot_general import (  # noqa: E402
+    QuantizedDotGeneral,
+    dot_general,
+    dot_general_cls,
+    dot_general_reference,
+    einsum,
+    make_dot_general,
+    operand_spec,
+    quantize_operand,
+)
+
+__all__ += [
+    "BackwardSpec",
+    "DotGeneralConfig",
+    "QuantizedDotGeneral",
+    "dot_general",
+    "dot_general_cls",
+    "dot_general_reference",
+    "einsum",
+    "fp8",
+    "fully_quantized",
+    "make_dot_general",
+    "operand_spec",
+    "quantize_operand",
+    "w8a8",
+    "weight_only",
+]

@@ -1,0 +1,421 @@
+"""A quantized ``dot_general``: a drop-in for ``lax.dot_general`` with a ``config``.
+
+Lingo: ``dimension_numbers = ((lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch))``.
+The output's axes are ``[batch..., lhs_free..., rhs_free...]``, as in ``lax.dot_general``.
+Each quantized operand has one scale per index of its non-contracting (batch and free) axes,
+or, with ``group_size``, one per group along its single contracting axis.
+
+Paths, fastest first:
+
+* **integer**: both operands symmetric ints (<= 8 bits): ``dot_general`` on the int8 codes
+  with int32 accumulation, then one rescale by the outer product of the operands' scales.
+  With groups along the contraction, the groups become a batch axis of the integer dot and
+  the scaled partial products are summed (AQT's tiled dot_general).
+* **fp8**: both operands fp8: a ``dot_general`` on the float8 values with f32 accumulation,
+  then the same rescale.
+* **reference**: dequantize whatever is quantized, then a float ``lax.dot_general``. Used
+  for weight-only configs (XLA fuses the dequantization into the jitted computation), for
+  asymmetric operands, and as the definition the fast paths are tested against
+  (:func:`dot_general_reference`).
+
+Gradients: a ``custom_vjp``. Each backward product (``dlhs = g . rhs``, ``drhs = lhs . g``)
+is itself a quantized ``dot_general`` when the config gives it a :class:`BackwardSpec`,
+otherwise a float product of the dequantized operands (straight-through estimator).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxquant.core.dot_config import BackwardSpec, DotGeneralConfig
+from jaxquant.core.qarray import QArray, quantize
+from jaxquant.core.spec import QuantSpec
+
+# --- dimension numbers --------------------------------------------------------------------------
+
+
+def _normalize_dn(dimension_numbers):
+    (lc, rc), (lb, rb) = dimension_numbers
+    return ((tuple(int(a) for a in lc), tuple(int(a) for a in rc)),
+            (tuple(int(a) for a in lb), tuple(int(a) for a in rb)))
+
+
+def _free_axes(ndim: int, contracting, batch) -> tuple[int, ...]:
+    return tuple(a for a in range(ndim) if a not in contracting and a not in batch)
+
+
+def operand_spec(spec: QuantSpec, ndim: int, contracting_axes) -> QuantSpec:
+    """The full :class:`QuantSpec` of an operand with these contracting axes.
+
+    Non-contracting axes keep their own scale; a ``group_size`` tiles the single contracting
+    axis.
+    """
+    contracting = tuple(a % ndim for a in contracting_axes)
+    channel = tuple(a for a in range(ndim) if a not in contracting)
+    group_axis = None
+    if spec.group_size is not None:
+        if len(contracting) != 1:
+            raise ValueError(
+                f"group_size={spec.group_size} needs exactly one contracting axis; this operand "
+                f"contracts over {contracting}. Reshape to a single contracting axis or drop groups."
+            )
+        group_axis = contracting[0]
+    return dataclasses.replace(spec, channel_axes=channel, group_axis=group_axis)
+
+
+def quantize_operand(
+    x: jax.Array, spec: QuantSpec, contracting_axes, *, key=None, pack: bool = True
+) -> QArray:
+    """Quantizes ``x`` exactly as :func:`dot_general` quantizes an operand.
+
+    Use it to convert weights for serving: ``dot_general(x, quantize_operand(w, cfg.rhs, (0,)),
+    dn, config=cfg)`` equals ``dot_general(x, w, dn, config=cfg)``.
+
+    Args:
+      x: float operand.
+      spec: the operand's spec from a :class:`DotGeneralConfig` (no axes set).
+      contracting_axes: the axes of ``x`` that the dot contracts.
+      key: PRNG key for stochastic rounding.
+      pack: pack sub-byte codes (True for storage; the dot unpacks them).
+
+    Returns:
+      A :class:`QArray` with ``x``'s shape.
+    """
+    return quantize(x, operand_spec(spec, x.ndim, contracting_axes), key, pack=pack)
+
+
+# --- forward products ---------------------------------------------------------------------------
+
+
+def _float_dtype(*operands):
+    dts = []
+    for o in operands:
+        dts.append(o.dtype if isinstance(o, QArray) else o.dtype)
+    dts = [d for d in dts if jnp.issubdtype(d, jnp.floating)]
+    return jnp.result_type(*dts) if dts else jnp.float32
+
+
+def _as_float(x, dtype):
+    return x.dequantize(dtype) if isinstance(x, QArray) else x
+
+
+def _factoring(q: QArray, contracting) -> tuple[str, int | None, int | None] | None:
+    """How ``q``'s scale factors out of a contraction: ``("row", None, None)`` (constant over the
+    contraction), ``("group", axis, size)``, or None (it can't: use the reference path)."""
+    if q.zero_point is not None:
+        return None
+    s = q.scale.shape
+    if all(s[a] == 1 for a in contracting):
+        return ("row", None, None)
+    if (
+        q.group_axis in contracting
+        and len(contracting) == 1
+        and s[q.group_axis] * q.group_size == q.shape[q.group_axis]
+    ):
+        return ("group", q.group_axis, q.group_size)
+    return None
+
+
+def _scale_to_output(scale, contracting, batch, free, n_other_free, lhs_side: bool, group_axis):
+    """Moves an operand's scale ``[operand rank]`` into the output layout
+    ``[groups?, batch..., lhs_free..., rhs_free...]``."""
+    lead = (group_axis,) if group_axis is not None else ()
+    rest = tuple(a for a in contracting if a != group_axis)
+    s = jnp.transpose(scale, lead + tuple(batch) + tuple(free) + rest)
+    s = s.reshape(s.shape[: len(lead) + len(batch) + len(free)])
+    if group_axis is None:
+        s = s[None]  # a group axis of 1
+    nb = len(batch)
+    if lhs_side:
+        return s.reshape(s.shape + (1,) * n_other_free)
+    return s.reshape(s.shape[: 1 + nb] + (1,) * n_other_free + s.shape[1 + nb :])
+
+
+def _scaled_codes_dot(lq: QArray, rq: QArray, dn, out_dtype, kind: str):
+    """The integer / fp8 product with one rescale; None when the scales don't factor."""
+    (lc, rc), (lb, rb) = dn
+    fl, fr = _factoring(lq, lc), _factoring(rq, rc)
+    if fl is None or fr is None:
+        return None
+    gsizes = {f[2] for f in (fl, fr) if f[0] == "group"}
+    if len(gsizes) > 1:
+        return None
+    lcodes, rcodes = lq.codes(), rq.codes()
+    lfree = _free_axes(lq.ndim, lc, lb)
+    rfree = _free_axes(rq.ndim, rc, rb)
+    acc = jnp.int32 if kind == "int" else jnp.float32
+    if gsizes:
+        g = gsizes.pop()
+        (cl,), (cr,) = lc, rc
+        k = lq.shape[cl]
+        # [..., K, ...] -> [..., K/g, g, ...]; the K/g axis becomes a leading batch axis.
+        lcodes = lcodes.reshape(lcodes.shape[:cl] + (k // g, g) + lcodes.shape[cl + 1 :])
+        rcodes = rcodes.reshape(rcodes.shape[:cr] + (k // g, g) + rcodes.shape[cr + 1 :])
+        shift_l = lambda a: a + 1 if a > cl else a
+        shift_r = lambda a: a + 1 if a > cr else a
+        gdn = (
+            ((cl + 1,), (cr + 1,)),
+            ((cl,) + tuple(shift_l(a) for a in lb), (cr,) + tuple(shift_r(a) for a in rb)),
+        )
+        y = lax.dot_general(lcodes, rcodes, gdn, preferred_element_type=acc)
+        sl = _scale_to_output(lq.scale if fl[0] == "group" else jnp.broadcast_to(
+            lq.scale, lq.scale.shape[:cl] + (k // g,) + lq.scale.shape[cl + 1 :]),
+            lc, lb, lfree, len(rfree), True, cl)
+        sr = _scale_to_output(rq.scale if fr[0] == "group" else jnp.broadcast_to(
+            rq.scale, rq.scale.shape[:cr] + (k // g,) + rq.scale.shape[cr + 1 :]),
+            rc, rb, rfree, len(lfree), False, cr)
+        return jnp.sum(y.astype(jnp.float32) * sl * sr, axis=0).astype(out_dtype)
+    y = lax.dot_general(lcodes, rcodes, dn, preferred_element_type=acc)
+    sl = _scale_to_output(lq.scale, lc, lb, lfree, len(rfree), True, None)[0]
+    sr = _scale_to_output(rq.scale, rc, rb, rfree, len(lfree), False, None)[0]
+    return (y.astype(jnp.float32) * (sl * sr)).astype(out_dtype)
+
+
+def _quantized_operands(lhs, rhs, dn, lspec, rspec, key):
+    (lc, rc), _ = dn
+    kl = kr = None
+    if key is not None:
+        kl, kr = jax.random.split(key)
+    if not isinstance(lhs, QArray) and lspec is not None:
+        lhs = quantize_operand(lhs, lspec, lc, key=kl, pack=False)
+    if not isinstance(rhs, QArray) and rspec is not None:
+        rhs = quantize_operand(rhs, rspec, rc, key=kr, pack=False)
+    return lhs, rhs
+
+
+def _forward(lhs, rhs, dn, precision, preferred_element_type, lspec, rspec, int_dot, key):
+    """Quantized forward product (no custom gradient)."""
+    out_dtype = preferred_element_type or _float_dtype(lhs, rhs)
+    lq, rq = _quantized_operands(lhs, rhs, dn, lspec, rspec, key)
+    if isinstance(lq, QArray) and isinstance(rq, QArray) and int_dot:
+        kinds = {lq.qtype[:3], rq.qtype[:3]}
+        if kinds == {"int"} and lq.bits <= 8 and rq.bits <= 8:
+            y = _scaled_codes_dot(lq, rq, dn, out_dtype, "int")
+            if y is not None:
+                return y
+        if kinds == {"fp8"}:
+            y = _scaled_codes_dot(lq, rq, dn, out_dtype, "fp8")
+            if y is not None:
+                return y
+    ftype = _float_dtype(lhs, rhs)
+    return lax.dot_general(
+        _as_float(lq, ftype), _as_float(rq, ftype), dn, precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+
+
+def dot_general_reference(
+    lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *, config=None
+):
+    """The definition: quantize per ``config``, dequantize, then a float ``lax.dot_general``.
+
+    The fast paths of :func:`dot_general` agree with this up to float reassociation.
+    """
+    dn = _normalize_dn(dimension_numbers)
+    if config is None:
+        return lax.dot_general(_as_float(lhs, _float_dtype(lhs, rhs)),
+                               _as_float(rhs, _float_dtype(lhs, rhs)), dn, precision=precision,
+                               preferred_element_type=preferred_element_type)
+    return _forward(lhs, rhs, dn, precision, preferred_element_type, config.lhs, config.rhs,
+                    False, _derive_key(config, lhs, 0))
+
+
+# --- backward -----------------------------------------------------------------------------------
+
+
+def _grad_dims(dn, lhs_ndim, rhs_ndim):
+    """Dimension numbers and output permutations of the two backward products.
+
+    Returns ``(dlhs_dn, dlhs_perm, drhs_dn, drhs_perm)``: ``dlhs = transpose(dot_general(g, rhs,
+    dlhs_dn), dlhs_perm)`` and ``drhs = transpose(dot_general(g, lhs, drhs_dn), drhs_perm)``.
+    """
+    (lc, rc), (lb, rb) = dn
+    lfree, rfree = _free_axes(lhs_ndim, lc, lb), _free_axes(rhs_ndim, rc, rb)
+    nb, nlf, nrf = len(lb), len(lfree), len(rfree)
+    g_batch = tuple(range(nb))
+    g_lfree = tuple(range(nb, nb + nlf))
+    g_rfree = tuple(range(nb + nlf, nb + nlf + nrf))
+
+    def product(own_free, own_batch, own_contract, other_free, other_batch, other_contract,
+                g_other, g_own_free, ndim):
+        # dot(g, other): contract g's other-free axes with other's free axes, batch on batch.
+        pdn = ((g_other, other_free), (g_batch, other_batch))
+        # result axes: [batch, g_own_free (= own free), other's remaining = other_contract sorted]
+        other_rest = sorted(other_contract)
+        pos = {}
+        for i, a in enumerate(own_batch):
+            pos[a] = i
+        for j, a in enumerate(own_free):
+            pos[a] = nb + j
+        for a_own, a_other in zip(own_contract, other_contract):
+            pos[a_own] = nb + len(own_free) + other_rest.index(a_other)
+        perm = tuple(pos[a] for a in range(ndim))
+        return pdn, perm
+
+    dlhs_dn, dlhs_perm = product(lfree, lb, lc, rfree, rb, rc, g_rfree, g_lfree, lhs_ndim)
+    drhs_dn, drhs_perm = product(rfree, rb, rc, lfree, lb, lc, g_lfree, g_rfree, rhs_ndim)
+    return dlhs_dn, dlhs_perm, drhs_dn, drhs_perm
+
+
+def _derive_key(config: DotGeneralConfig, x, salt: int):
+    """A key for stochastic rounding, derived from the config's seed and ``x``'s values."""
+    specs = [config.lhs, config.rhs]
+    for b in (config.dlhs, config.drhs):
+        if b is not None:
+            specs += [b.grad, b.operand]
+    if not any(s is not None and s.rounding == "stochastic" for s in specs):
+        return None
+    xf = x.dequantize(jnp.float32) if isinstance(x, QArray) else x.astype(jnp.float32)
+    digest = lax.bitcast_convert_type(jnp.sum(xf) + jnp.sum(jnp.abs(xf)), jnp.uint32)
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), salt), digest)
+
+
+def _bwd_product(g, other, pdn, perm, spec: BackwardSpec | None, config, salt, dtype):
+    gspec = spec.grad if spec is not None else None
+    ospec = spec.operand if spec is not None else None
+    key = _derive_key(config, g, salt) if (gspec or ospec) else None
+    y = _forward(g, other, pdn, None, jnp.float32, gspec, ospec, config.int_dot, key)
+    return jnp.transpose(y, perm).astype(dtype)
+
+
+def _zero_cotangent(x):
+    if isinstance(x, QArray):
+        return jax.tree.map(_zero_cotangent, x)
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        return jnp.zeros_like(x)
+    return np.zeros(x.shape, dtype=jax.dtypes.float0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _qdot(lhs, rhs, dn, precision, preferred_element_type, config):
+    return _qdot_fwd(lhs, rhs, dn, precision, preferred_element_type, config)[0]
+
+
+def _qdot_fwd(lhs, rhs, dn, precision, preferred_element_type, config):
+    key = _derive_key(config, lhs, 0)
+    lq, rq = _quantized_operands(lhs, rhs, dn, config.lhs, config.rhs, key)
+    y = _forward(lq, rq, dn, precision, preferred_element_type, None, None, config.int_dot, None)
+    ftype = _float_dtype(lhs, rhs)
+    res = (_as_float(lq, ftype), _as_float(rq, ftype), lhs, rhs)
+    return y, res
+
+
+def _qdot_bwd(dn, precision, preferred_element_type, config, res, g):
+    lhat, rhat, lhs, rhs = res
+    dlhs_dn, dlhs_perm, drhs_dn, drhs_perm = _grad_dims(dn, lhat.ndim, rhat.ndim)
+    dl = _bwd_product(g, rhat, dlhs_dn, dlhs_perm, config.dlhs, config, 1, lhat.dtype)
+    dr = _bwd_product(g, lhat, drhs_dn, drhs_perm, config.drhs, config, 2, rhat.dtype)
+    dl = _zero_cotangent(lhs) if isinstance(lhs, QArray) else dl.astype(lhs.dtype)
+    dr = _zero_cotangent(rhs) if isinstance(rhs, QArray) else dr.astype(rhs.dtype)
+    return dl, dr
+
+
+_qdot.defvjp(_qdot_fwd, _qdot_bwd)
+
+
+# --- public entry points ------------------------------------------------------------------------
+
+
+def dot_general(
+    lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *, config=None
+):
+    """``lax.dot_general`` with quantized operands.
+
+    Args:
+      lhs: float array ``[...]`` or a :class:`QArray` (serving: used as is).
+      rhs: float array or :class:`QArray`.
+      dimension_numbers: ``((lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch))``.
+      precision: passed to the float products.
+      preferred_element_type: output dtype (default: the operands' float dtype).
+      config: a :class:`DotGeneralConfig`; None is exactly ``lax.dot_general`` (a QArray
+        operand is then dequantized first).
+
+    Returns:
+      ``[batch..., lhs_free..., rhs_free...]``, as ``lax.dot_general``.
+
+    Example:
+      >>> y = dot_general(x, w, (((1,), (0,)), ((), ())), config=w8a8())
+    """
+    if config is None and not isinstance(lhs, QArray) and not isinstance(rhs, QArray):
+        return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+    dn = _normalize_dn(dimension_numbers)
+    if config is None:
+        return dot_general_reference(lhs, rhs, dn, precision, preferred_element_type)
+    if not isinstance(config, DotGeneralConfig):
+        raise TypeError(f"config must be a DotGeneralConfig or None, got {type(config).__name__}.")
+    return _qdot(lhs, rhs, dn, precision, preferred_element_type, config)
+
+
+def _parse_einsum(subscripts: str, lhs_ndim: int, rhs_ndim: int):
+    s = subscripts.replace(" ", "")
+    if "..." in s:
+        raise ValueError("einsum: ellipsis ('...') is not supported; spell out the axes.")
+    if "->" not in s or s.count(",") != 1:
+        raise ValueError(f"einsum needs 'lhs,rhs->out' with two operands, got {subscripts!r}.")
+    ins, out = s.split("->")
+    la, ra = ins.split(",")
+    if len(la) != lhs_ndim or len(ra) != rhs_ndim:
+        raise ValueError(f"einsum {subscripts!r} does not match operand ranks {lhs_ndim}, {rhs_ndim}.")
+    for name, t in (("lhs", la), ("rhs", ra), ("out", out)):
+        if len(set(t)) != len(t):
+            raise ValueError(f"einsum: repeated index in {name} {t!r} is not supported.")
+    for c in out:
+        if c not in la and c not in ra:
+            raise ValueError(f"einsum: output index {c!r} is in neither operand.")
+    for t, name in ((la, "lhs"), (ra, "rhs")):
+        for c in t:
+            if c not in out and (c not in la or c not in ra):
+                raise ValueError(f"einsum: {name} index {c!r} is summed alone; sum it beforehand.")
+    contract = [c for c in la if c in ra and c not in out]
+    batch = [c for c in la if c in ra and c in out]
+    dn = ((tuple(la.index(c) for c in contract), tuple(ra.index(c) for c in contract)),
+          (tuple(la.index(c) for c in batch), tuple(ra.index(c) for c in batch)))
+    produced = batch + [c for c in la if c not in ra] + [c for c in ra if c not in la]
+    perm = tuple(produced.index(c) for c in out)
+    return dn, perm
+
+
+def einsum(subscripts: str, lhs, rhs, *, config=None, precision=None,
+           preferred_element_type=None):
+    """Two-operand einsum on :func:`dot_general`.
+
+    Example:
+      >>> y = einsum("bsd,dh->bsh", x, w, config=w8a8())   # x: [b, s, d], w: [d, h]
+    """
+    dn, perm = _parse_einsum(subscripts, len(lhs.shape), len(rhs.shape))
+    y = dot_general(lhs, rhs, dn, precision, preferred_element_type, config=config)
+    return y if perm == tuple(range(len(perm))) else jnp.transpose(y, perm)
+
+
+def make_dot_general(config: DotGeneralConfig | None):
+    """A function with ``lax.dot_general``'s signature, for ``nn.Dense(dot_general=...)``."""
+
+    def dg(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
+        return dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
+                           config=config)
+
+    return dg
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedDotGeneral:
+    """A callable ``dot_general`` bound to a config (what ``dot_general_cls`` instantiates)."""
+
+    config: DotGeneralConfig | None = None
+
+    def __call__(self, lhs, rhs, dimension_numbers, precision=None,
+                 preferred_element_type=None, **kwargs):
+        return dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
+                           config=self.config)
+
+
+def dot_general_cls(config: DotGeneralConfig | None):
+    """A zero-argument factory for ``nn.Dense(dot_general_cls=...)``."""
+    return functools.partial(QuantizedDotGeneral, config)
