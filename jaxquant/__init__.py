@@ -6,34 +6,34 @@ Flax: ``import jaxquant as jq``.
 
 __version__ = "0.1.0"
 
+from jaxquant.core import QTYPES as QTYPES
+from jaxquant.core import BackwardSpec as BackwardSpec
+from jaxquant.core import DotGeneralConfig as DotGeneralConfig
 from jaxquant.core import Layout as Layout
 from jaxquant.core import QArray as QArray
-from jaxquant.core import QTYPES as QTYPES
 from jaxquant.core import QType as QType
+from jaxquant.core import QuantizedDotGeneral as QuantizedDotGeneral
 from jaxquant.core import QuantSpec as QuantSpec
 from jaxquant.core import calibrate as calibrate
 from jaxquant.core import check_finite as check_finite
 from jaxquant.core import compute_scale as compute_scale
 from jaxquant.core import dequantize as dequantize
-from jaxquant.core import fake_quant as fake_quant
-from jaxquant.core import get_qtype as get_qtype
-from jaxquant.core import lsq_fake_quant as lsq_fake_quant
-from jaxquant.core import lsq_init_scale as lsq_init_scale
-from jaxquant.core import pack as pack
-from jaxquant.core import quantize as quantize
-from jaxquant.core import resolve_layout as resolve_layout
-from jaxquant.core import unpack as unpack
-from jaxquant.core import BackwardSpec as BackwardSpec
-from jaxquant.core import DotGeneralConfig as DotGeneralConfig
-from jaxquant.core import QuantizedDotGeneral as QuantizedDotGeneral
 from jaxquant.core import dot_general as dot_general
 from jaxquant.core import dot_general_cls as dot_general_cls
 from jaxquant.core import dot_general_reference as dot_general_reference
 from jaxquant.core import einsum as einsum
+from jaxquant.core import fake_quant as fake_quant
 from jaxquant.core import fp8 as fp8
 from jaxquant.core import fully_quantized as fully_quantized
+from jaxquant.core import get_qtype as get_qtype
+from jaxquant.core import lsq_fake_quant as lsq_fake_quant
+from jaxquant.core import lsq_init_scale as lsq_init_scale
 from jaxquant.core import make_dot_general as make_dot_general
 from jaxquant.core import operand_spec as operand_spec
+from jaxquant.core import pack as pack
+from jaxquant.core import quantize as quantize
 from jaxquant.core import quantize_operand as quantize_operand
+from jaxquant.core import resolve_layout as resolve_layout
+from jaxquant.core import unpack as unpack
 from jaxquant.core import w8a8 as w8a8
 from jaxquant.core import weight_only as weight_only

@@ -253,7 +253,7 @@ def _grad_dims(dn, lhs_ndim, rhs_ndim):
             pos[a] = i
         for j, a in enumerate(own_free):
             pos[a] = nb + j
-        for a_own, a_other in zip(own_contract, other_contract):
+        for a_own, a_other in zip(own_contract, other_contract, strict=True):
             pos[a_own] = nb + len(own_free) + other_rest.index(a_other)
         perm = tuple(pos[a] for a in range(ndim))
         return pdn, perm
