@@ -1,0 +1,106 @@
+"""`Recipe`: what a PTQ run does, and the command line's recipe strings.
+
+A recipe string is ``METHOD:QTYPE[:gSIZE][:asym]`` (``rtn:int4:g128``, ``gptq:int3:g128``,
+``awq:int4:g128``, ``rtn:int4:g32:asym``, ``rtn:int8``), or ``w8a8`` (dynamic int8 weights and
+activations) and ``smoothquant`` (SmoothQuant folding, then W8A8). It is parsed once, at the
+command line's edge, into a frozen :class:`Recipe`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxquant.core.dot_config import DotGeneralConfig, w8a8, weight_only
+from jaxquant.core.qtypes import canonical_qtype
+
+METHODS = ("fp32", "rtn", "gptq", "awq", "awq+gptq", "w8a8", "smoothquant")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """A post-training quantization recipe.
+
+    Attributes:
+      method: one of ``METHODS``.
+      qtype: weight format (ignored for fp32; int8 for w8a8/smoothquant).
+      group_size: None (per output channel) or the group size along the input axis.
+      symmetric: False adds a zero point per group.
+      mse_clip: RTN with the MSE clip search.
+      alpha: SmoothQuant's migration strength.
+    """
+
+    method: str = "rtn"
+    qtype: str = "int8"
+    group_size: int | None = None
+    symmetric: bool = True
+    mse_clip: bool = False
+    alpha: float = 0.5
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"Unknown method {self.method!r}; use one of {METHODS}.")
+        object.__setattr__(self, "qtype", canonical_qtype(self.qtype))
+        if self.method in ("w8a8", "smoothquant") and self.qtype != "int8":
+            raise ValueError(f"{self.method} is int8 weights and activations; got {self.qtype}.")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}.")
+        if self.method in ("gptq", "awq", "awq+gptq") and not self.qtype.startswith("int"):
+            raise ValueError(f"{self.method} here supports int formats, got {self.qtype}.")
+
+    @property
+    def dot_config(self) -> DotGeneralConfig | None:
+        """The ``dot_general`` config the quantized model serves with."""
+        if self.method == "fp32":
+            return None
+        if self.method in ("w8a8", "smoothquant"):
+            return w8a8()
+        cal = "mse" if self.mse_clip else "absmax"
+        return weight_only(self.qtype, self.group_size, symmetric=self.symmetric, calibration=cal)
+
+    @property
+    def name(self) -> str:
+        if self.method in ("fp32", "w8a8", "smoothquant"):
+            return self.method
+        parts = [self.method, self.qtype]
+        if self.group_size:
+            parts.append(f"g{self.group_size}")
+        if not self.symmetric:
+            parts.append("asym")
+        if self.mse_clip:
+            parts.append("mse")
+        return ":".join(parts)
+
+
+def parse_recipe(text: str) -> Recipe:
+    """Parses ``"gptq:int4:g128"`` and the like into a :class:`Recipe`.
+
+    Raises:
+      ValueError: naming the part that is wrong and the accepted form.
+    """
+    form = ("METHOD:QTYPE[:gSIZE][:asym][:mse] with METHOD in rtn|gptq|awq|awq+gptq, "
+            "or fp32 | w8a8 | smoothquant")
+    parts = [p for p in text.strip().lower().split(":") if p]
+    if not parts:
+        raise ValueError(f"Empty recipe; expected {form}.")
+    method = parts[0]
+    if method in ("fp32", "float", "none"):
+        return Recipe(method="fp32")
+    if method in ("w8a8", "smoothquant", "sq"):
+        if len(parts) > 1 and parts[1:] != ["int8"]:
+            raise ValueError(f"{method} takes no options (it is int8); got {text!r}.")
+        return Recipe(method="smoothquant" if method == "sq" else method)
+    if method not in ("rtn", "gptq", "awq", "awq+gptq"):
+        raise ValueError(f"Unknown method {method!r} in {text!r}; expected {form}.")
+    if len(parts) < 2:
+        raise ValueError(f"Recipe {text!r} lacks a qtype (e.g. {method}:int4:g128).")
+    kw = dict(method=method, qtype=parts[1])
+    for p in parts[2:]:
+        if p.startswith("g") and p[1:].isdigit():
+            kw["group_size"] = int(p[1:])
+        elif p == "asym":
+            kw["symmetric"] = False
+        elif p == "mse":
+            kw["mse_clip"] = True
+        else:
+            raise ValueError(f"Unknown recipe option {p!r} in {text!r}; expected {form}.")
+    return Recipe(**kw)
