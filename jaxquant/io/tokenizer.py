@@ -221,3 +221,16 @@ def _int_or_none(value) -> int | None:
     if isinstance(value, list):
         value = value[0] if value else None
     return None if value is None else int(value)
+
+
+def byte_tokenizer() -> TextTokenizer:
+    """A byte-level tokenizer with 256 ids and no merges (the ``tiny`` model's vocabulary).
+
+    Every UTF-8 byte is one token; ids follow GPT-2's byte-to-unicode alphabet.
+    """
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    hf = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    hf.decoder = decoders.ByteLevel()
+    return TextTokenizer(hf, None, None)

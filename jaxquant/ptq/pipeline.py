@@ -1,0 +1,239 @@
+"""Model-level PTQ of the LLaMA :class:`~jaxquant.nn.Transformer`: RTN, GPTQ, AWQ, SmoothQuant.
+
+Calibration-based methods run block by block, as in the GPTQ paper: the calibration windows
+are embedded once; each decoder block is run in float on the outputs of the
+*already-quantized* blocks before it while the inputs of its linears are captured
+(``nn.intercept_methods``), its weights are quantized, and the quantized block then produces
+the inputs of the next block.
+
+Linears that share an input (one row per "input site" of a block):
+
+==========  ====================  ===============================
+site        linears               scale folds into
+==========  ====================  ===============================
+attn_in     q_proj, k_proj, v_proj  ``attn_norm``
+o_in        o_proj                ``v_proj`` (only without GQA)
+mlp_in      gate_proj, up_proj    ``mlp_norm``
+down_in     down_proj             ``up_proj``
+==========  ====================  ===============================
+
+The result is always serving params (QArray kernels) for ``Transformer(serve_cfg, SERVE)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxquant.core.dot_general import quantize_operand
+from jaxquant.nn.config import TransformerConfig
+from jaxquant.nn.linear import QDense
+from jaxquant.nn.modes import QuantMode, convert
+from jaxquant.nn.rules import QuantRule
+from jaxquant.nn.transformer import Block, Transformer
+from jaxquant.ptq import awq, folding, smoothquant
+from jaxquant.ptq.gptq import GPTQConfig, gptq_quantize
+from jaxquant.ptq.hessian import InputStats, hessian, stats_init, stats_update
+from jaxquant.ptq.recipe import Recipe
+
+SITES = {
+    "attn_in": ("attn", ("q_proj", "k_proj", "v_proj")),
+    "o_in": ("attn", ("o_proj",)),
+    "mlp_in": ("mlp", ("gate_proj", "up_proj")),
+    "down_in": ("mlp", ("down_proj",)),
+}
+_SITE_OF = {lin: site for site, (_, lins) in SITES.items() for lin in lins}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PTQOptions:
+    """Knobs of the calibration-based methods.
+
+    Attributes:
+      gptq: :class:`GPTQConfig`.
+      awq_grid: AWQ's number of ``alpha`` values.
+      awq_tokens: calibration tokens kept per input site for the AWQ searches.
+      batch_windows: calibration windows per jitted block call.
+    """
+
+    gptq: GPTQConfig = GPTQConfig()
+    awq_grid: int = 20
+    awq_tokens: int = 4096
+    batch_windows: int = 8
+
+
+def serving_config(cfg: TransformerConfig, recipe: Recipe) -> TransformerConfig:
+    """The config the quantized model serves with (block projections quantized, head float)."""
+    return cfg.with_quantization(recipe.dot_config)
+
+
+def _block_config(cfg: TransformerConfig, recipe: Recipe) -> TransformerConfig:
+    # A standalone Block sees module paths like "attn/q_proj" (no "block_i/" prefix).
+    return dataclasses.replace(
+        cfg, quant_rules=(QuantRule(r"(^|/)(attn|mlp)/", recipe.dot_config),))
+
+
+def _make_capture(cfg: TransformerConfig):
+    block = Block(cfg, QuantMode.TRAIN)
+
+    @jax.jit
+    def run(block_params, x, positions):
+        seen = {}
+
+        def interceptor(next_fun, args, kwargs, ctx):
+            if isinstance(ctx.module, QDense) and ctx.method_name == "__call__":
+                seen[ctx.module.name] = args[0]
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(interceptor):
+            out, _ = block.apply({"params": block_params}, x, positions)
+        sites = {site: seen[lins[0]] for site, (_, lins) in SITES.items()}
+        return out, sites
+
+    return run
+
+
+def _make_serve(cfg: TransformerConfig):
+    block = Block(cfg, QuantMode.SERVE)
+
+    @jax.jit
+    def run(block_params, x, positions):
+        return block.apply({"params": block_params}, x, positions)[0]
+
+    return run
+
+
+def _batches(n: int, size: int):
+    return [(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _quantize_block(bp, stats, samples, recipe: Recipe, cfg: TransformerConfig, opts: PTQOptions):
+    """Quantizes one block's float params; returns its serving params."""
+    spec = recipe.dot_config.rhs
+    bp = jax.tree.map(jnp.asarray, bp)
+    kern = {lin: bp[mod][lin]["kernel"] for lin, (mod, _) in
+            ((lin, SITES[_SITE_OF[lin]]) for lin in _SITE_OF)}
+    scales = {}
+    method = recipe.method
+    if method == "smoothquant":
+        for site in ("attn_in", "mlp_in"):
+            lins = SITES[site][1]
+            # The captured input is the norm's output, so its max already includes the norm scale.
+            scales[site] = smoothquant.smooth_scales(
+                stats[site].abs_max, [kern[x] for x in lins], recipe.alpha)
+    if method in ("awq", "awq+gptq"):
+        wspec = spec
+        for site in ("attn_in", "mlp_in", "down_in", "o_in"):
+            lins = SITES[site][1]
+            if site == "o_in" and cfg.n_heads != cfg.n_kv_heads:
+                continue  # v_proj's outputs are shared by several heads under GQA: no fold
+            x = samples[site]
+            block_fn = None
+            if site == "mlp_in":
+                down = kern["down_proj"]
+
+                def block_fn(ks, xx, down=down):
+                    return (jax.nn.silu(xx @ ks[0]) * (xx @ ks[1])) @ down
+            s, _ = awq.search_scale(x, [kern[x_] for x_ in lins], wspec, n_grid=opts.awq_grid,
+                                    block_fn=block_fn)
+            scales[site] = s
+    # Fold the scales: the float block computes the same function afterwards.
+    for site, s in scales.items():
+        lins = SITES[site][1]
+        if site in ("attn_in", "mlp_in"):
+            norm = "attn_norm" if site == "attn_in" else "mlp_norm"
+            g, ks = folding.fold_into_norm(bp[norm]["scale"], [kern[x] for x in lins], s)
+            bp[norm]["scale"] = g
+        else:
+            prev = "up_proj" if site == "down_in" else "v_proj"
+            p, ks = folding.fold_into_linear(kern[prev], [kern[x] for x in lins], s)
+            kern[prev] = p
+        for lin, k in zip(lins, ks, strict=True):
+            kern[lin] = k
+    out = jax.tree.map(lambda a: a, bp)
+    for lin, (mod, _) in ((lin, SITES[_SITE_OF[lin]]) for lin in _SITE_OF):
+        site = _SITE_OF[lin]
+        inv = 1.0 / scales[site] if site in scales else None
+        if method in ("gptq", "awq+gptq"):
+            h = hessian(stats[site])
+            if inv is not None:  # inputs of the folded layer are x / s
+                h = h * inv[:, None] * inv[None, :]
+            q, _ = gptq_quantize(kern[lin], h, spec, opts.gptq)
+        elif method == "awq" and lin not in ("q_proj", "k_proj"):  # AWQ skips clipping q/k
+            x = samples[site] if inv is None else samples[site] * inv
+            q = awq.clip_quantize(x, kern[lin], spec)
+        else:
+            q = quantize_operand(kern[lin], spec, (0,))
+        out[mod][lin]["kernel"] = q
+    return out
+
+
+def quantize_model(
+    cfg: TransformerConfig,
+    params: dict,
+    recipe: Recipe,
+    calib_tokens: np.ndarray | None = None,
+    *,
+    options: PTQOptions = PTQOptions(),
+    progress: bool = True,
+) -> tuple[TransformerConfig, dict, dict[str, Any]]:
+    """Post-training quantization of a :class:`~jaxquant.nn.Transformer`.
+
+    Args:
+      cfg: the float model's config.
+      params: its float params.
+      recipe: what to do (:func:`~jaxquant.ptq.recipe.parse_recipe`).
+      calib_tokens: ``[n, length]`` calibration windows (needed by gptq / awq / smoothquant).
+      options: :class:`PTQOptions`.
+      progress: show a progress bar over blocks.
+
+    Returns:
+      ``(serve_cfg, serve_params, info)``: run with ``Transformer(serve_cfg, SERVE)``;
+      ``info`` has the quantization time in seconds.
+    """
+    t0 = time.perf_counter()
+    if recipe.method == "fp32":
+        return cfg, params, {"seconds": 0.0}
+    serve_cfg = serving_config(cfg, recipe)
+    if recipe.method in ("rtn", "w8a8"):
+        out = convert(Transformer(serve_cfg), params)
+        jax.block_until_ready(out)
+        return serve_cfg, out, {"seconds": time.perf_counter() - t0}
+    if calib_tokens is None:
+        raise ValueError(f"{recipe.method} needs calibration data: pass calib_tokens [n, length].")
+    calib = jnp.asarray(calib_tokens, jnp.int32)
+    n, length = calib.shape
+    bcfg = _block_config(cfg, recipe)
+    capture, serve = _make_capture(cfg), _make_serve(bcfg)
+    h = jnp.asarray(params["embed"]["embedding"])[calib].astype(cfg.compute_dtype)
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (n, length))
+    need_h = recipe.method in ("gptq", "awq+gptq")
+    keep = recipe.method in ("awq", "awq+gptq")
+    stride = max(1, (n * length) // options.awq_tokens)
+    out_params = {k: v for k, v in params.items() if not k.startswith("block_")}
+    bar = tqdm(range(cfg.n_layers), desc=f"{recipe.name} blocks", disable=not progress)
+    for i in bar:
+        bp = params[f"block_{i}"]
+        stats: dict[str, InputStats] = {}
+        samples: dict[str, list] = {site: [] for site in SITES}
+        for a, b in _batches(n, options.batch_windows):
+            _, sites = capture(bp, h[a:b], positions[a:b])
+            for site, x in sites.items():
+                if site not in stats:
+                    stats[site] = stats_init(x.shape[-1], hessian=need_h)
+                stats[site] = stats_update(stats[site], x)
+                if keep:
+                    samples[site].append(x.reshape(-1, x.shape[-1])[::stride])
+        samples = {s: jnp.concatenate(v)[: options.awq_tokens] for s, v in samples.items() if v}
+        qbp = _quantize_block(bp, stats, samples, recipe, cfg, options)
+        h = jnp.concatenate([serve(qbp, h[a:b], positions[a:b])
+                             for a, b in _batches(n, options.batch_windows)])
+        out_params[f"block_{i}"] = qbp
+    return serve_cfg, out_params, {"seconds": time.perf_counter() - t0}
