@@ -69,15 +69,43 @@ class PTQOptions:
     batch_windows: int = 8
 
 
+def effective_group(d_in: int, group: int | None) -> int | None:
+    """The group size used for a layer with ``d_in`` inputs: ``group`` when it divides ``d_in``,
+    else the largest divisor of ``d_in`` below it (SmolLM2's ``d_model = 576`` is not a
+    multiple of 128, so its "g128" layers use groups of 96). None stays None."""
+    if group is None or d_in % group == 0:
+        return group
+    return max(g for g in range(1, group) if d_in % g == 0)
+
+
+def _projection_rules(cfg: TransformerConfig, recipe: Recipe, prefix: str) -> tuple:
+    base = recipe.dot_config
+    if base is None:
+        return ()
+    d_in = {"q_proj": cfg.d_model, "k_proj": cfg.d_model, "v_proj": cfg.d_model,
+            "o_proj": cfg.q_dim, "gate_proj": cfg.d_model, "up_proj": cfg.d_model,
+            "down_proj": cfg.ffn_dim}
+    rules = []
+    for lin, n in d_in.items():
+        mod = SITES[_SITE_OF[lin]][0]
+        dot = base
+        if base.rhs is not None and base.rhs.group_size is not None:
+            rhs = dataclasses.replace(base.rhs, group_size=effective_group(n, base.rhs.group_size))
+            dot = dataclasses.replace(base, rhs=rhs)
+        rules.append(QuantRule(rf"{prefix}{mod}/{lin}$", dot))
+    return tuple(rules)
+
+
 def serving_config(cfg: TransformerConfig, recipe: Recipe) -> TransformerConfig:
-    """The config the quantized model serves with (block projections quantized, head float)."""
-    return cfg.with_quantization(recipe.dot_config)
+    """The config the quantized model serves with: block projections quantized (per-layer
+    group sizes from :func:`effective_group`), embeddings / head float."""
+    return dataclasses.replace(
+        cfg, quant_rules=_projection_rules(cfg, recipe, r"(^|/)block_\d+/"))
 
 
 def _block_config(cfg: TransformerConfig, recipe: Recipe) -> TransformerConfig:
     # A standalone Block sees module paths like "attn/q_proj" (no "block_i/" prefix).
-    return dataclasses.replace(
-        cfg, quant_rules=(QuantRule(r"(^|/)(attn|mlp)/", recipe.dot_config),))
+    return dataclasses.replace(cfg, quant_rules=_projection_rules(cfg, recipe, r"^"))
 
 
 def _make_capture(cfg: TransformerConfig):
@@ -116,8 +144,13 @@ def _batches(n: int, size: int):
 
 def _quantize_block(bp, stats, samples, recipe: Recipe, cfg: TransformerConfig, opts: PTQOptions):
     """Quantizes one block's float params; returns its serving params."""
-    spec = recipe.dot_config.rhs
+    base_spec = recipe.dot_config.rhs
     bp = jax.tree.map(jnp.asarray, bp)
+
+    def spec_for(kernel):
+        return dataclasses.replace(
+            base_spec, group_size=effective_group(kernel.shape[0], base_spec.group_size))
+
     kern = {lin: bp[mod][lin]["kernel"] for lin, (mod, _) in
             ((lin, SITES[_SITE_OF[lin]]) for lin in _SITE_OF)}
     scales = {}
@@ -129,7 +162,6 @@ def _quantize_block(bp, stats, samples, recipe: Recipe, cfg: TransformerConfig, 
             scales[site] = smoothquant.smooth_scales(
                 stats[site].abs_max, [kern[x] for x in lins], recipe.alpha)
     if method in ("awq", "awq+gptq"):
-        wspec = spec
         for site in ("attn_in", "mlp_in", "down_in", "o_in"):
             lins = SITES[site][1]
             if site == "o_in" and cfg.n_heads != cfg.n_kv_heads:
@@ -141,6 +173,7 @@ def _quantize_block(bp, stats, samples, recipe: Recipe, cfg: TransformerConfig, 
 
                 def block_fn(ks, xx, down=down):
                     return (jax.nn.silu(xx @ ks[0]) * (xx @ ks[1])) @ down
+            wspec = spec_for(kern[lins[0]])
             s, _ = awq.search_scale(x, [kern[x_] for x_ in lins], wspec, n_grid=opts.awq_grid,
                                     block_fn=block_fn)
             scales[site] = s
@@ -160,6 +193,7 @@ def _quantize_block(bp, stats, samples, recipe: Recipe, cfg: TransformerConfig, 
     out = jax.tree.map(lambda a: a, bp)
     for lin, (mod, _) in ((lin, SITES[_SITE_OF[lin]]) for lin in _SITE_OF):
         site = _SITE_OF[lin]
+        spec = spec_for(kern[lin])
         inv = 1.0 / scales[site] if site in scales else None
         if method in ("gptq", "awq+gptq"):
             h = hessian(stats[site])

@@ -1,0 +1,208 @@
+"""The jobs behind the command line: evaluate a (quantized) model, quantize one, the demo table.
+
+Each returns a plain dict that goes to ``--json`` as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import platform
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxquant.core import QArray
+from jaxquant.eval.perplexity import perplexity
+from jaxquant.io import data
+from jaxquant.io.models import LoadedModel
+from jaxquant.nn.config import TransformerConfig
+from jaxquant.nn.modes import QuantMode
+from jaxquant.nn.rules import param_bytes
+from jaxquant.nn.transformer import Transformer
+from jaxquant.ptq.pipeline import PTQOptions, quantize_model
+from jaxquant.ptq.recipe import Recipe, parse_recipe
+
+
+def environment() -> dict[str, Any]:
+    """Device, versions and date, recorded with every result."""
+    dev = jax.devices()[0]
+    return {
+        "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
+        "cpu": platform.processor() or platform.machine(),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def tokens_for(model: LoadedModel, dataset: str, split: str) -> np.ndarray:
+    """The token stream of ``dataset`` (``"ptb"`` or a text file) under the model's tokenizer."""
+    text = data.load_text(dataset, split)
+    label = f"{dataset if dataset == 'ptb' else 'file'}-{split}"
+    return data.tokenize_cached(label, text, model.tokenizer)
+
+
+def weight_stats(params) -> dict[str, float]:
+    """Bits per weight of the quantized kernels (codes + scales) and the whole model's bytes."""
+    q_bits, q_count = 0, 0
+    for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QArray)):
+        if isinstance(leaf, QArray):
+            q_bits += 8 * leaf.nbytes
+            q_count += int(np.prod(leaf.shape))
+    return {
+        "model_bytes": int(param_bytes(params)),
+        "bits_per_weight": (q_bits / q_count) if q_count else 32.0,
+        "quantized_weights": q_count,
+    }
+
+
+def quantize(
+    model: LoadedModel,
+    recipe: Recipe,
+    *,
+    dataset: str = "ptb",
+    calib_windows: int = 128,
+    calib_len: int = 512,
+    seed: int = 0,
+    options: PTQOptions | None = None,
+    progress: bool = True,
+) -> tuple[TransformerConfig, Any, dict]:
+    """Runs ``recipe`` on ``model``, calibrating on ``dataset``'s train split when needed.
+
+    Returns:
+      ``(serve_cfg, serve_params, info)``; ``info`` records the calibration set and time.
+    """
+    calib = None
+    info: dict[str, Any] = {"recipe": recipe.name}
+    if recipe.method in ("gptq", "awq", "awq+gptq", "smoothquant"):
+        stream = tokens_for(model, dataset, "train")
+        calib_len = min(calib_len, model.cfg.max_seq_len)
+        calib = data.calibration_windows(stream, calib_windows, calib_len, seed)
+        info["calibration"] = {"dataset": dataset, "split": "train", "windows": calib_windows,
+                               "length": calib_len, "seed": seed}
+    cfg, params, qinfo = quantize_model(model.cfg, model.params, recipe, calib, options=options or PTQOptions(),
+                                        progress=progress)
+    info["quantize_seconds"] = qinfo["seconds"]
+    return cfg, params, info
+
+
+def evaluate_params(
+    cfg: TransformerConfig,
+    params,
+    tokens: np.ndarray,
+    *,
+    seq_len: int = 2048,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Perplexity of ``Transformer(cfg)`` (SERVE mode when ``cfg`` quantizes) with ``params``."""
+    mode = QuantMode.SERVE if cfg.quant_rules else QuantMode.TRAIN
+    model = Transformer(cfg, mode=mode)
+    seq_len = min(seq_len, cfg.max_seq_len)
+    res = perplexity(lambda p, t: model.apply({"params": p}, t), params, tokens, seq_len=seq_len,
+                     stride=stride, max_tokens=max_tokens, batch_size=batch_size,
+                     progress=progress)
+    return res.to_dict()
+
+
+def evaluate(
+    model: LoadedModel,
+    *,
+    dataset: str = "ptb",
+    split: str = "test",
+    recipe: Recipe | None = None,
+    seq_len: int = 2048,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = 1,
+    calib_windows: int = 128,
+    calib_len: int = 512,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Perplexity of ``model`` on ``dataset``, quantized on the fly by ``recipe`` if given."""
+    recipe = recipe or Recipe(method="fp32")
+    cfg, params, info = quantize(model, recipe, dataset=dataset, calib_windows=calib_windows,
+                                 calib_len=calib_len, seed=seed, progress=progress)
+    tokens = tokens_for(model, dataset, split)
+    ppl = evaluate_params(cfg, params, tokens, seq_len=seq_len, stride=stride,
+                          max_tokens=max_tokens, batch_size=batch_size, progress=progress)
+    return {
+        "model": model.name, "dataset": dataset, "split": split, **info, **ppl,
+        **weight_stats(params), "environment": environment(),
+    }
+
+
+DEMO_RECIPES = (
+    "fp32", "rtn:int8", "rtn:int4:g128", "gptq:int4:g128", "awq:int4:g128",
+    "rtn:int3:g128", "gptq:int3:g128", "awq:int3:g128", "smoothquant",
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DemoBudget:
+    """How much work the demo does (the defaults finish in minutes on a 2-core CPU).
+
+    Attributes:
+      eval_tokens: PTB test tokens evaluated per recipe (None: the full split).
+      seq_len: evaluation window.
+      calib_windows: calibration windows of ``calib_len`` PTB train tokens.
+      calib_len: calibration window length.
+    """
+
+    eval_tokens: int | None = 16384
+    seq_len: int = 2048
+    calib_windows: int = 32
+    calib_len: int = 512
+
+
+def demo_rows(
+    model: LoadedModel,
+    recipes,
+    budget: DemoBudget,
+    *,
+    dataset: str = "ptb",
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The demo table: each recipe's bits per weight, size, perplexity, delta and PTQ time."""
+    test = tokens_for(model, dataset, "test")
+    rows = []
+    base = None
+    for text in recipes:
+        recipe = parse_recipe(text)
+        t0 = time.perf_counter()
+        cfg, params, info = quantize(model, recipe, dataset=dataset,
+                                     calib_windows=budget.calib_windows,
+                                     calib_len=budget.calib_len, seed=seed, progress=progress)
+        ppl = evaluate_params(cfg, params, test, seq_len=budget.seq_len,
+                              max_tokens=budget.eval_tokens, progress=progress)
+        if base is None and recipe.method == "fp32":
+            base = ppl["perplexity"]
+        row = {"recipe": recipe.name, **weight_stats(params), "perplexity": ppl["perplexity"],
+               "tokens_scored": ppl["tokens_scored"], "quantize_seconds": info["quantize_seconds"],
+               "eval_seconds": ppl["seconds"], "total_seconds": time.perf_counter() - t0}
+        if base is not None:
+            row["delta"] = row["perplexity"] - base
+            row["delta_pct"] = 100.0 * (row["perplexity"] / base - 1.0)
+        rows.append(row)
+    return {"model": model.name, "dataset": dataset, "budget": dataclasses.asdict(budget),
+            "seed": seed, "rows": rows, "environment": environment()}
+
+
+def markdown_table(rows) -> str:
+    """A human table of demo rows."""
+    head = ("| recipe | bits/weight | size (MB) | perplexity | delta | PTQ time (s) |\n"
+            "|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        delta = f"{r['delta']:+.3f} ({r['delta_pct']:+.2f}%)" if "delta" in r else "-"
+        lines.append(f"| {r['recipe']} | {r['bits_per_weight']:.2f} | "
+                     f"{r['model_bytes'] / 1e6:.1f} | {r['perplexity']:.3f} | {delta} | "
+                     f"{r['quantize_seconds']:.1f} |")
+    return "\n".join(lines)
