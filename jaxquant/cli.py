@@ -1,33 +1,184 @@
-"""The ``jaxquant`` command line. Thin: it parses arguments and calls the library."""
+"""The ``jaxquant`` command line. Thin: it parses arguments and calls the library.
+
+Commands: ``demo`` (the main job), ``eval``, ``ptq``, ``generate``. Each takes ``--json PATH``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+
+
+def _write_json(path: str | None, result: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2, default=str))
+        print(f"wrote {path}")
+
+
+def _recipe(text: str | None):
+    from jaxquant.ptq.recipe import parse_recipe
+
+    return parse_recipe(text) if text else None
+
+
+def _cmd_eval(args) -> int:
+    from jaxquant.eval import tasks
+    from jaxquant.io.models import load
+
+    model = load(args.model)
+    if args.checkpoint:
+        from jaxquant.eval.saved import evaluate_checkpoint
+
+        result = evaluate_checkpoint(model, args.checkpoint, dataset=args.data, split=args.split,
+                                     seq_len=args.seq_len, stride=args.stride,
+                                     max_tokens=args.max_tokens, batch_size=args.batch_size)
+    else:
+        result = tasks.evaluate(
+            model, dataset=args.data, split=args.split, recipe=_recipe(args.quant),
+            seq_len=args.seq_len, stride=args.stride, max_tokens=args.max_tokens,
+            batch_size=args.batch_size, calib_windows=args.calib_windows,
+            calib_len=args.calib_len, seed=args.seed)
+    print(f"\n| model | data | recipe | bits/weight | size (MB) | tokens | perplexity |\n"
+          f"|---|---|---|---|---|---|---|\n"
+          f"| {result['model']} | {result['dataset']}:{result['split']} | {result['recipe']} | "
+          f"{result['bits_per_weight']:.2f} | {result['model_bytes'] / 1e6:.1f} | "
+          f"{result['tokens_scored']} | {result['perplexity']:.3f} |")
+    _write_json(args.json, result)
+    return 0
+
+
+def _cmd_ptq(args) -> int:
+    from jaxquant.eval import tasks
+    from jaxquant.eval.saved import save_quantized
+    from jaxquant.io.models import load
+    from jaxquant.ptq.recipe import Recipe
+
+    recipe = Recipe(method=args.method, qtype=args.qtype, group_size=args.group_size,
+                    symmetric=not args.asym)
+    model = load(args.model)
+    cfg, params, info = tasks.quantize(model, recipe, dataset=args.data,
+                                       calib_windows=args.calib_windows,
+                                       calib_len=args.calib_len, seed=args.seed)
+    result = {"model": args.model, **info, **tasks.weight_stats(params),
+              "environment": tasks.environment()}
+    if args.out:
+        save_quantized(args.out, cfg, params, result, force=args.force)
+        result["out"] = args.out
+        print(f"saved {recipe.name} checkpoint to {args.out}")
+    print(f"{recipe.name}: {result['bits_per_weight']:.2f} bits/weight, "
+          f"{result['model_bytes'] / 1e6:.1f} MB, {result['quantize_seconds']:.1f} s")
+    _write_json(args.json, result)
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from jaxquant.eval.generation import generate_text
+    from jaxquant.io.models import load
+
+    model = load(args.model)
+    result = generate_text(model, args.prompt, recipe=_recipe(args.quant),
+                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           kv_cache_qtype=args.kv_cache, seed=args.seed)
+    print(result["prompt"] + result["completion"])
+    _write_json(args.json, result)
+    return 0
 
 
 def _cmd_demo(args) -> int:
-    print(
-        "jaxquant demo will quantize SmolLM2-135M (fp32; int8 per channel; int4 g128 and int3 g128 "
-        "with RTN, GPTQ and AWQ; W8A8 with SmoothQuant), calibrate on Penn Treebank train and "
-        "report each recipe's bits per weight, size, PTB test perplexity and quantization time.\n"
-        "The PTQ algorithms have not landed yet; this placeholder does no work."
-    )
+    from jaxquant.eval import tasks
+    from jaxquant.eval.plots import plot_ppl_vs_size
+    from jaxquant.io.models import load
+
+    budget = tasks.DemoBudget(eval_tokens=None if args.full else args.max_tokens,
+                              calib_windows=args.calib_windows, calib_len=args.calib_len)
+    print(f"jaxquant demo: {args.model} on PTB. Calibration: {budget.calib_windows} x "
+          f"{budget.calib_len} PTB-train tokens (seed {args.seed}); evaluation: "
+          f"{'the full PTB test split' if budget.eval_tokens is None else f'the first {budget.eval_tokens} PTB-test tokens'} "
+          f"in {budget.seq_len}-token windows. --full evaluates the whole split.")
+    model = load(args.model)
+    recipes = args.recipes.split(",") if args.recipes else tasks.DEMO_RECIPES
+    result = tasks.demo_rows(model, recipes, budget, seed=args.seed)
+    table = tasks.markdown_table(result["rows"])
+    print("\n" + table)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = args.json or str(out / "demo.json")
+    _write_json(json_path, result)
+    png = plot_ppl_vs_size(result["rows"], out / "demo.png", title=f"{args.model} on PTB test")
+    print(f"wrote {png}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxquant", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, *, data=True, calib=True):
+        p.add_argument("--model", default="smollm2-135m",
+                       help="smollm2-135m | tiny | path to .gguf | HF folder")
+        if data:
+            p.add_argument("--data", default="ptb", help="ptb | path to a text file")
+        if calib:
+            p.add_argument("--calib-windows", type=int, default=128)
+            p.add_argument("--calib-len", type=int, default=512)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--json", help="write the result as JSON to this path")
+
     demo = sub.add_parser("demo", help="the main job: PTQ recipes on SmolLM2-135M, PTB perplexity")
-    demo.add_argument("--json", help="write the result as JSON to this path")
+    common(demo, data=False, calib=False)
+    demo.add_argument("--full", action="store_true", help="evaluate the full PTB test split")
+    demo.add_argument("--max-tokens", type=int, default=16384, help="PTB-test tokens per recipe")
+    demo.add_argument("--calib-windows", type=int, default=32)
+    demo.add_argument("--calib-len", type=int, default=512)
+    demo.add_argument("--recipes", help="comma-separated recipes (default: the demo table)")
+    demo.add_argument("--out-dir", default="jaxquant-demo", help="where the JSON and plot go")
     demo.set_defaults(func=_cmd_demo)
+
+    ev = sub.add_parser("eval", help="perplexity of a (quantized) model")
+    common(ev)
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--quant", help="recipe, e.g. rtn:int4:g128, gptq:int3:g128, w8a8")
+    ev.add_argument("--checkpoint", help="evaluate a checkpoint written by `jaxquant ptq --out`")
+    ev.add_argument("--max-tokens", type=int)
+    ev.add_argument("--seq-len", type=int, default=2048)
+    ev.add_argument("--stride", type=int)
+    ev.add_argument("--batch-size", type=int, default=1)
+    ev.set_defaults(func=_cmd_eval)
+
+    ptq = sub.add_parser("ptq", help="quantize a model and write an Orbax checkpoint")
+    common(ptq)
+    ptq.add_argument("--method", required=True,
+                     choices=["rtn", "gptq", "awq", "awq+gptq", "smoothquant", "w8a8"])
+    ptq.add_argument("--qtype", default="int4")
+    ptq.add_argument("--group-size", type=int)
+    ptq.add_argument("--asym", action="store_true", help="zero points (asymmetric)")
+    ptq.add_argument("--out", help="checkpoint directory")
+    ptq.add_argument("--force", action="store_true", help="replace an existing checkpoint")
+    ptq.set_defaults(func=_cmd_ptq)
+
+    gen = sub.add_parser("generate", help="generate text with the KV cache")
+    common(gen, data=False, calib=False)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--quant", help="recipe applied before generating (rtn/w8a8 need no data)")
+    gen.add_argument("--max-new-tokens", type=int, default=40)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gen.add_argument("--kv-cache", choices=["float", "int8", "int4"], default="float")
+    gen.set_defaults(func=_cmd_generate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    if getattr(args, "command", None) == "ptq" and args.method in ("smoothquant", "w8a8"):
+        args.qtype = "int8"
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"jaxquant {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
