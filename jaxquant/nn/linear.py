@@ -1,0 +1,365 @@
+"""Quantized linen layers: `QDense`, `QDenseGeneral`, `QEinsum` and `QEmbed`.
+
+Lingo: the layer input ``x`` is the **lhs** and the kernel the **rhs** of a ``dot_general``;
+the kernel's **contracting** axes are its input axes (axis 0 of a ``[in, out]`` Dense kernel).
+Each layer takes ``config`` (a :class:`~jaxquant.core.dot_config.DotGeneralConfig`, None for
+float) and ``mode`` (:class:`~jaxquant.nn.modes.QuantMode`):
+
+* ``TRAIN``: ``dot_general(x, kernel, config=config)`` on the float kernel (QAT).
+* ``CALIBRATE``: float forward; the input's :class:`~jaxquant.nn.modes.ActStats` are updated in
+  ``quant_stats/<path>/lhs``.
+* ``CONVERT``: the kernel is replaced in ``params`` by ``quantize_operand(kernel, config.rhs,
+  contracting_axes)``, and a static activation scale is added when asked for.
+* ``SERVE``: the kernel param *is* that QArray (``init`` in SERVE mode builds one, so
+  ``jax.eval_shape`` gives the serving tree); with ``static_activation`` the input is quantized
+  with the stored ``lhs_scale`` before the (integer) product.
+
+With a float kernel and ``config=None`` every mode is a plain float layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant.core import QArray, quantize
+from jaxquant.core.dot_config import DotGeneralConfig
+from jaxquant.core.dot_general import dot_general, einsum, operand_spec, quantize_operand
+from jaxquant.nn.modes import (
+    STATS_COLLECTION,
+    QuantMode,
+    act_stats_init,
+    act_stats_update,
+    static_scale,
+)
+
+Initializer = Callable[..., jax.Array]
+default_kernel_init = nn.initializers.lecun_normal()
+
+
+def _einsum_parts(eq: str):
+    eq = eq.replace(" ", "")
+    if "->" not in eq or eq.count(",") != 1:
+        raise ValueError(f"einsum_str must look like 'lhs,rhs->out', got {eq!r}.")
+    ins, out = eq.split("->")
+    la, ra = ins.split(",")
+    return la, ra, out
+
+
+class _QuantizedLinear:
+    """Shared machinery (a mixin). Subclasses are linen modules with the fields ``config``,
+    ``mode``, ``static_activation``, ``dtype``, ``param_dtype``, ``precision``, ``kernel_init``
+    and ``stats_percentile``; they define the kernel shape and the dimension numbers."""
+
+    def _kernel(self, shape, k_contract):
+        """The kernel param: float, or in SERVE mode (with a quantizing config) a QArray."""
+        spec = self.config.rhs if self.config is not None else None
+        if self.mode == QuantMode.SERVE and spec is not None:
+
+            def init(key, shape, dtype):
+                return quantize_operand(self.kernel_init(key, shape, dtype), spec, k_contract)
+
+            return self.param("kernel", init, shape, self.param_dtype)
+        return self.param("kernel", self.kernel_init, shape, self.param_dtype)
+
+    def _static_lhs(self, x, x_contract):
+        """In CONVERT / SERVE with ``static_activation``: ``x`` quantized with the stored scale."""
+        spec = operand_spec(self.config.lhs, x.ndim, x_contract)
+        if self.mode == QuantMode.CONVERT:
+            if not self.has_variable(STATS_COLLECTION, "lhs"):
+                raise ValueError(
+                    f"{'/'.join(self.path)} uses static_activation={self.static_activation!r} but "
+                    "no quant_stats were given: run jaxquant.nn.calibrate(...) first and pass "
+                    "quant_stats= to convert."
+                )
+            stats = self.get_variable(STATS_COLLECTION, "lhs")
+            scale, zp = static_scale(stats, self.config.lhs, self.static_activation)
+            self.put_variable("params", "lhs_scale", scale)
+            if zp is not None:
+                self.put_variable("params", "lhs_zero_point", zp)
+        else:
+            scale = self.param("lhs_scale", nn.initializers.ones, (), jnp.float32)
+            zp = None
+            if not self.config.lhs.symmetric:
+                zp = self.param("lhs_zero_point", nn.initializers.zeros, (), jnp.float32)
+        sshape = tuple(1 if a in x_contract else n for a, n in enumerate(x.shape))
+        scale = jnp.broadcast_to(scale.astype(spec.scale_dtype), sshape)
+        if zp is not None:
+            zp = jnp.broadcast_to(zp.astype(spec.scale_dtype), sshape)
+        return quantize(x, spec, scale=scale, zero_point=zp)
+
+    def _apply(self, x, kernel_shape, x_contract, k_contract, product):
+        """Runs ``product(x, kernel, config)`` according to the mode."""
+        x = jnp.asarray(x)
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
+        kernel = self._kernel(kernel_shape, k_contract)
+        cfg = self.config
+        if self.mode == QuantMode.CALIBRATE:
+            xc = jnp.moveaxis(x, x_contract, tuple(range(x.ndim - len(x_contract), x.ndim)))
+            chan = tuple(x.shape[a] for a in x_contract)
+            stats = self.variable(STATS_COLLECTION, "lhs", act_stats_init, chan)
+            if not self.is_initializing():
+                stats.value = act_stats_update(
+                    stats.value, xc, n_channel_axes=len(chan), percentile=self.stats_percentile
+                )
+            return product(x, self._cast(kernel), None)
+        if self.mode == QuantMode.CONVERT and cfg is not None and cfg.rhs is not None:
+            kernel = quantize_operand(kernel, cfg.rhs, k_contract)
+            self.put_variable("params", "kernel", kernel)
+        if (
+            self.static_activation is not None
+            and cfg is not None
+            and cfg.lhs is not None
+            and self.mode in (QuantMode.CONVERT, QuantMode.SERVE)
+        ):
+            x = self._static_lhs(x, x_contract)
+        return product(x, self._cast(kernel), cfg)
+
+    def _cast(self, kernel):
+        if self.dtype is None:
+            return kernel
+        if isinstance(kernel, QArray):
+            return dataclasses.replace(kernel, dtype=np.dtype(self.dtype))
+        return kernel.astype(self.dtype)
+
+
+class QDense(_QuantizedLinear, nn.Module):
+    """A Dense layer (no bias by default) whose product is a quantized ``dot_general``.
+
+    ``kernel``: ``[in, features]``, contracting axis 0. Input ``[..., in]`` -> ``[..., features]``.
+
+    Attributes:
+      features: output size.
+      config: :class:`DotGeneralConfig` or None (float).
+      mode: :class:`QuantMode`.
+      static_activation: None, ``"absmax"`` or ``"percentile"`` (see :class:`QuantRule`).
+      use_bias: add a float bias (kept float in every mode).
+
+    Example:
+      >>> layer = QDense(16, config=w8a8())
+      >>> params = layer.init(jax.random.key(0), jnp.ones((2, 8)))["params"]
+    """
+
+    features: int
+    config: DotGeneralConfig | None = None
+    mode: QuantMode = QuantMode.TRAIN
+    static_activation: str | None = None
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Initializer = default_kernel_init
+    stats_percentile: float | None = 99.99
+    use_bias: bool = False
+    bias_init: Initializer = nn.initializers.zeros
+
+    def kernel_contracting_axes(self, *_) -> tuple[int, ...]:
+        return (0,)
+
+    @nn.compact
+    def __call__(self, x):
+        if self.features <= 0:
+            raise ValueError(f"QDense needs features > 0, got {self.features}.")
+        nd = jnp.ndim(x)
+
+        def product(x, k, cfg):
+            return dot_general(x, k, (((nd - 1,), (0,)), ((), ())), self.precision, config=cfg)
+
+        y = self._apply(x, (jnp.shape(x)[-1], self.features), (nd - 1,), (0,), product)
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(
+                y.dtype
+            )
+        return y
+
+
+class QDenseGeneral(_QuantizedLinear, nn.Module):
+    """A DenseGeneral: contracts the input's ``axis`` with the kernel's leading axes.
+
+    ``kernel``: ``[*x.shape[axis], *features]``. Output: the input's other axes, then ``features``.
+
+    Attributes:
+      features: int or tuple of output sizes.
+      axis: int or tuple of input axes to contract (default the last).
+    """
+
+    features: int | Sequence[int]
+    axis: int | Sequence[int] = -1
+    config: DotGeneralConfig | None = None
+    mode: QuantMode = QuantMode.TRAIN
+    static_activation: str | None = None
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Initializer = default_kernel_init
+    stats_percentile: float | None = 99.99
+
+    def _axes(self, ndim):
+        axis = self.axis if isinstance(self.axis, Sequence) else (self.axis,)
+        return tuple(sorted(a % ndim for a in axis))
+
+    def kernel_contracting_axes(self, x=None) -> tuple[int, ...]:
+        n = len(self.axis) if isinstance(self.axis, Sequence) else 1
+        return tuple(range(n))
+
+    @nn.compact
+    def __call__(self, x):
+        feats = tuple(self.features) if isinstance(self.features, Sequence) else (self.features,)
+        if not feats or any(f <= 0 for f in feats):
+            raise ValueError(f"QDenseGeneral needs positive features, got {self.features!r}.")
+        nd = jnp.ndim(x)
+        xa = self._axes(nd)
+        ka = tuple(range(len(xa)))
+        shape = tuple(jnp.shape(x)[a] for a in xa) + feats
+
+        def product(x, k, cfg):
+            return dot_general(x, k, ((xa, ka), ((), ())), self.precision, config=cfg)
+
+        return self._apply(x, shape, xa, ka, product)
+
+
+class QEinsum(_QuantizedLinear, nn.Module):
+    """An einsum ``"lhs,rhs->out"`` of the input with a kernel of shape ``shape``.
+
+    The kernel's contracting axes are its indices that appear in the input but not the output.
+
+    Example:
+      >>> layer = QEinsum(shape=(8, 4, 16), einsum_str="bsd,dhk->bshk", config=w8a8())
+    """
+
+    shape: Sequence[int]
+    einsum_str: str
+    config: DotGeneralConfig | None = None
+    mode: QuantMode = QuantMode.TRAIN
+    static_activation: str | None = None
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Initializer = default_kernel_init
+    stats_percentile: float | None = 99.99
+
+    def kernel_contracting_axes(self, *_) -> tuple[int, ...]:
+        la, ra, out = _einsum_parts(self.einsum_str)
+        return tuple(ra.index(c) for c in ra if c in la and c not in out)
+
+    @nn.compact
+    def __call__(self, x):
+        la, ra, out = _einsum_parts(self.einsum_str)
+        if len(ra) != len(self.shape):
+            raise ValueError(
+                f"einsum_str {self.einsum_str!r} has {len(ra)} kernel axes, shape {self.shape}."
+            )
+        labels = [c for c in ra if c in la and c not in out]
+        xa = tuple(la.index(c) for c in labels)
+        ka = tuple(ra.index(c) for c in labels)
+
+        def product(x, k, cfg):
+            return einsum(self.einsum_str, x, k, config=cfg, precision=self.precision)
+
+        return self._apply(x, tuple(self.shape), xa, ka, product)
+
+
+class QEmbed(nn.Module):
+    """Token embedding ``[V, D]`` that can also be the (tied) output head.
+
+    With a quantizing ``config`` the table is quantized as the rhs of the head product
+    ``x [.., D] . E [V, D]`` (contracting axis 1: a scale per row, or groups along D). The
+    lookup uses the same quantized rows in every mode (TRAIN: fake-quantized with a
+    straight-through gradient), so TRAIN and SERVE agree.
+
+    Attributes:
+      num_embeddings, features: ``V`` and ``D``.
+      config, mode: as for :class:`QDense`.
+      dtype: output dtype of the lookup.
+    """
+
+    num_embeddings: int
+    features: int
+    config: DotGeneralConfig | None = None
+    mode: QuantMode = QuantMode.TRAIN
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    embedding_init: Initializer = nn.initializers.normal(stddev=0.02)
+
+    def setup(self):
+        shape = (self.num_embeddings, self.features)
+        spec = self._spec
+        if self.mode == QuantMode.SERVE and spec is not None:
+
+            def init(key, shape, dtype):
+                return quantize_operand(self.embedding_init(key, shape, dtype), spec, (1,))
+
+            self.embedding = self.param("embedding", init, shape, self.param_dtype)
+        else:
+            self.embedding = self.param("embedding", self.embedding_init, shape, self.param_dtype)
+
+    @property
+    def _spec(self):
+        return self.config.rhs if self.config is not None else None
+
+    def _table(self):
+        e = self.embedding
+        if self.mode == QuantMode.CONVERT and self._spec is not None:
+            e = quantize_operand(e, self._spec, (1,))
+            self.put_variable("params", "embedding", e)
+        return e
+
+    def __call__(self, tokens):
+        """``tokens [...]`` int -> ``[..., D]``."""
+        e = self._table()
+        dtype = self.dtype or self.param_dtype
+        if isinstance(e, QArray):
+            return gather_rows(e, tokens).dequantize(dtype)
+        rows = jnp.take(e, tokens, axis=0)
+        if self._spec is not None and self.mode == QuantMode.TRAIN:
+            # Per-row quantization of the gathered rows equals that of the whole table.
+            q = quantize_operand(jax.lax.stop_gradient(rows), self._spec, (rows.ndim - 1,))
+            rows = rows + jax.lax.stop_gradient(q.dequantize(rows.dtype) - rows)
+        return rows.astype(dtype)
+
+    def attend(self, x):
+        """The tied head: ``x [..., D] -> [..., V]`` through the quantized ``dot_general``."""
+        e = self._table()
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
+            e = (
+                dataclasses.replace(e, dtype=np.dtype(self.dtype))
+                if isinstance(e, QArray)
+                else e.astype(self.dtype)
+            )
+        cfg = None if self.mode == QuantMode.CALIBRATE else self.config
+        return dot_general(x, e, (((x.ndim - 1,), (1,)), ((), ())), config=cfg)
+
+
+def gather_rows(q: QArray, idx: jax.Array) -> QArray:
+    """Rows ``idx`` of a QArray quantized with a scale per row (``channel_axes == (0,)``).
+
+    Returns a QArray of shape ``[*idx.shape, *q.shape[1:]]`` (the codes stay packed).
+    """
+    if q.channel_axes[:1] != (0,) or q.pack_axis == 0 or q.group_axis == 0:
+        raise ValueError(
+            f"gather_rows needs a QArray with a scale per row (channel axis 0, not packed or "
+            f"grouped along it); got channel_axes={q.channel_axes}, pack_axis={q.pack_axis}, "
+            f"group_axis={q.group_axis}."
+        )
+    n = jnp.ndim(idx)
+    shift = lambda a: None if a is None else a + n - 1
+    take = lambda a: None if a is None else jnp.take(a, idx, axis=0)
+    return QArray(
+        qvalue=take(q.qvalue),
+        scale=take(q.scale),
+        zero_point=take(q.zero_point),
+        qtype=q.qtype,
+        shape=tuple(jnp.shape(idx)) + tuple(q.shape[1:]),
+        dtype=q.dtype,
+        channel_axes=tuple(range(n)) + tuple(shift(a) for a in q.channel_axes[1:]),
+        group_axis=shift(q.group_axis),
+        group_size=q.group_size,
+        pack_axis=shift(q.pack_axis),
+    )

@@ -1,0 +1,225 @@
+"""Quantization modes, activation statistics, and the calibrate / convert drivers.
+
+A model built from :class:`~jaxquant.nn.QDense` (and friends) runs in one of four modes:
+
+* ``TRAIN``: float kernels, quantized on the fly by :func:`jaxquant.core.dot_general.dot_general`
+  with the layer's config (QAT; the forward is the integer product, the backward as the config
+  says).
+* ``CALIBRATE``: a float forward that also accumulates activation statistics of each layer's
+  input in the ``quant_stats`` collection (apply with ``mutable=["quant_stats"]``).
+* ``CONVERT``: reads the float kernels and writes the serving params into the (mutable)
+  ``params`` collection: each quantized kernel becomes a :class:`~jaxquant.core.QArray` made
+  by ``quantize_operand`` (no float copy kept), plus a static activation scale where the layer
+  asks for one. Use :func:`convert` rather than calling it by hand.
+* ``SERVE``: runs from those params only.
+
+The statistics follow optax's style: :func:`act_stats_init` / :func:`act_stats_update` are pure
+functions on the :class:`ActStats` NamedTuple.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxquant.core import compute_scale
+from jaxquant.core.spec import QuantSpec
+
+STATS_COLLECTION = "quant_stats"
+STATIC_METHODS = ("absmax", "percentile")
+
+
+class QuantMode(enum.Enum):
+    """What a quantized layer does with its kernel; see the module docstring."""
+
+    TRAIN = "train"
+    CALIBRATE = "calibrate"
+    CONVERT = "convert"
+    SERVE = "serve"
+
+
+# --- activation statistics ----------------------------------------------------------------------
+
+
+class ActStats(NamedTuple):
+    """Running statistics of a layer's input activations.
+
+    Attributes:
+      count: number of batches seen, int32 ``[]``.
+      min, max: running extremes over every element, ``[]``.
+      pct_lo, pct_hi: running mean of each batch's ``100 - p`` and ``p`` percentile of ``x``
+        (a robust range estimate that ignores rare outliers), ``[]``.
+      channel_absmax: running ``max |x|`` per contracting (input) channel, ``[*in_shape]``; what
+        SmoothQuant and AWQ need.
+    """
+
+    count: jax.Array
+    min: jax.Array
+    max: jax.Array
+    pct_lo: jax.Array
+    pct_hi: jax.Array
+    channel_absmax: jax.Array
+
+
+def act_stats_init(channel_shape: tuple[int, ...] = ()) -> ActStats:
+    """Empty statistics for inputs whose contracting axes have shape ``channel_shape``."""
+    z = jnp.zeros((), jnp.float32)
+    return ActStats(
+        count=jnp.zeros((), jnp.int32),
+        min=jnp.full((), jnp.inf, jnp.float32),
+        max=jnp.full((), -jnp.inf, jnp.float32),
+        pct_lo=z,
+        pct_hi=z,
+        channel_absmax=jnp.zeros(tuple(channel_shape), jnp.float32),
+    )
+
+
+def act_stats_update(
+    state: ActStats, x: jax.Array, *, n_channel_axes: int = 1, percentile: float | None = 99.99
+) -> ActStats:
+    """Adds one batch ``x`` (``[..., *channel_shape]``) to ``state``.
+
+    Args:
+      state: the running statistics.
+      x: activations whose last ``n_channel_axes`` axes are the contracting (input) channels.
+      n_channel_axes: how many trailing axes ``channel_absmax`` keeps.
+      percentile: ``p`` for the running percentile estimate, or None to skip it (it sorts ``x``).
+
+    Returns:
+      The updated :class:`ActStats`.
+
+    Example:
+      >>> s = act_stats_update(act_stats_init((4,)), jnp.ones((2, 3, 4)))
+      >>> float(s.max), s.channel_absmax.shape
+      (1.0, (4,))
+    """
+    x = jax.lax.stop_gradient(x).astype(jnp.float32)
+    count = state.count + 1
+    lead = tuple(range(x.ndim - n_channel_axes))
+    chan = jnp.max(jnp.abs(x), axis=lead) if lead else jnp.abs(x)
+    if percentile is None:
+        pct_lo, pct_hi = state.pct_lo, state.pct_hi
+    else:
+        lo, hi = jnp.percentile(x, jnp.array([100.0 - percentile, percentile]))
+        w = 1.0 / count.astype(jnp.float32)
+        pct_lo = state.pct_lo + (lo - state.pct_lo) * w
+        pct_hi = state.pct_hi + (hi - state.pct_hi) * w
+    return ActStats(
+        count=count,
+        min=jnp.minimum(state.min, jnp.min(x)),
+        max=jnp.maximum(state.max, jnp.max(x)),
+        pct_lo=pct_lo,
+        pct_hi=pct_hi,
+        channel_absmax=jnp.maximum(state.channel_absmax, chan),
+    )
+
+
+def static_scale(
+    stats: ActStats, spec: QuantSpec, method: str = "absmax"
+) -> tuple[jax.Array, jax.Array | None]:
+    """One per-tensor ``(scale, zero_point)`` for the activations ``stats`` describe.
+
+    Args:
+      stats: accumulated :class:`ActStats` (at least one update).
+      spec: the activation (lhs) spec: format and symmetry.
+      method: ``"absmax"`` (the running min/max) or ``"percentile"`` (the running percentiles).
+
+    Returns:
+      ``(scale, zero_point)``, each ``[]`` (``zero_point`` None when symmetric).
+    """
+    if method not in STATIC_METHODS:
+        raise ValueError(
+            f"Unknown static activation method {method!r}; use one of {STATIC_METHODS}."
+        )
+    lo, hi = (stats.min, stats.max) if method == "absmax" else (stats.pct_lo, stats.pct_hi)
+    # An empty statistic (count 0) has lo=inf, hi=-inf: fall back to a zero range (scale 1).
+    lo = jnp.where(jnp.isfinite(lo), jnp.minimum(lo, 0.0), 0.0)
+    hi = jnp.where(jnp.isfinite(hi), jnp.maximum(hi, 0.0), 0.0)
+    return compute_scale(lo, hi, spec)
+
+
+# --- drivers ------------------------------------------------------------------------------------
+
+
+def calibrate(
+    model: nn.Module, params: Any, batches: Iterable[Any], *, quant_stats: Any = None
+) -> Any:
+    """Runs ``model`` in ``CALIBRATE`` mode over ``batches`` and returns the ``quant_stats``.
+
+    Args:
+      model: a module with a ``mode`` attribute (e.g. :class:`~jaxquant.nn.Transformer`).
+      params: its float params.
+      batches: iterable of inputs; a tuple is splatted into ``apply``.
+      quant_stats: statistics to continue from, or None to start fresh.
+
+    Returns:
+      The ``quant_stats`` collection (a tree of :class:`ActStats`, keyed by module path).
+
+    Example:
+      >>> stats = calibrate(model, params, [tokens[:8], tokens[8:]])  # doctest: +SKIP
+    """
+    cal = model.clone(mode=QuantMode.CALIBRATE)
+
+    @jax.jit
+    def step(stats, args):
+        variables = {"params": params}
+        if stats is not None:
+            variables[STATS_COLLECTION] = stats
+        _, new = cal.apply(variables, *args, mutable=[STATS_COLLECTION])
+        return new[STATS_COLLECTION]
+
+    stats = quant_stats
+    n = 0
+    for batch in batches:
+        stats = step(stats, batch if isinstance(batch, tuple) else (batch,))
+        n += 1
+    if n == 0:
+        raise ValueError("calibrate got no batches; pass at least one input batch.")
+    return stats
+
+
+def convert(model: nn.Module, params: Any, *example_args: Any, quant_stats: Any = None) -> Any:
+    """Turns float params into serving params for ``model.clone(mode=QuantMode.SERVE)``.
+
+    Every layer whose config quantizes its kernel gets a :class:`~jaxquant.core.QArray` kernel
+    (exactly ``quantize_operand(kernel, config.rhs, contracting_axes)``, so SERVE reproduces
+    the TRAIN-mode quantized forward); layers that asked for a static activation scale also get
+    ``lhs_scale`` (and ``lhs_zero_point``) from ``quant_stats``. Nothing else changes.
+
+    Args:
+      model: the model (any mode; it is cloned into ``CONVERT``).
+      params: its float params.
+      *example_args: one input to trace the model with (its values don't matter). Omit it for
+        models that define ``example_inputs()`` (the :class:`~jaxquant.nn.Transformer` does).
+      quant_stats: from :func:`calibrate`; needed when a layer uses static activation scales.
+
+    Returns:
+      The serving params (QArray leaves for the quantized kernels).
+
+    Example:
+      >>> serve_params = convert(model, params)  # doctest: +SKIP
+      >>> logits = model.clone(mode=QuantMode.SERVE).apply({"params": serve_params}, tokens)  # doctest: +SKIP
+    """
+    if not example_args:
+        if not hasattr(model, "example_inputs"):
+            raise ValueError(
+                f"convert needs an example input for {type(model).__name__}: pass it after "
+                "params, e.g. convert(model, params, x)."
+            )
+        example_args = tuple(model.example_inputs())
+    conv = model.clone(mode=QuantMode.CONVERT)
+    variables = {"params": params}
+    if quant_stats is not None:
+        variables[STATS_COLLECTION] = quant_stats
+
+    @jax.jit
+    def run(variables, args):
+        _, new = conv.apply(variables, *args, mutable=["params"])
+        return new["params"]
+
+    return run(variables, example_args)
