@@ -37,3 +37,13 @@ from jaxquant.core import resolve_layout as resolve_layout
 from jaxquant.core import unpack as unpack
 from jaxquant.core import w8a8 as w8a8
 from jaxquant.core import weight_only as weight_only
+
+
+def __getattr__(name):
+    # `jq.checkpoint` is the Orbax checkpoint module; imported lazily so that the pure-JAX core
+    # does not pull in Orbax.
+    if name == "checkpoint":
+        import importlib
+
+        return importlib.import_module("jaxquant.io.checkpoint")
+    raise AttributeError(f"module 'jaxquant' has no attribute {name!r}")

@@ -1,0 +1,73 @@
+"""Model-level PTQ on the tiny transformer: serving params, sequential GPTQ, SmoothQuant."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxquant.core import QArray
+from jaxquant.nn import QuantMode, Transformer, TransformerConfig
+from jaxquant.ptq.pipeline import effective_group, quantize_model
+from jaxquant.ptq.recipe import parse_recipe
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = TransformerConfig.tiny()
+    tokens = jax.random.randint(jax.random.key(1), (4, 32), 0, 256)
+    params = Transformer(cfg).init(jax.random.key(0), tokens[:1])["params"]
+    ref = Transformer(cfg).apply({"params": params}, tokens)
+    return cfg, params, np.asarray(tokens), ref
+
+
+_CACHE = {}
+
+
+def _run(tiny, recipe):
+    if recipe in _CACHE:
+        return _CACHE[recipe]
+    cfg, params, tokens, ref = tiny
+    scfg, sp, info = quantize_model(cfg, params, parse_recipe(recipe), tokens, progress=False)
+    out = Transformer(scfg, mode=QuantMode.SERVE).apply({"params": sp}, tokens)
+    _CACHE[recipe] = sp, float(jnp.mean((out - ref) ** 2)), info
+    return _CACHE[recipe]
+
+
+@pytest.mark.parametrize("recipe", ["rtn:int3:g32", "gptq:int3:g32", "awq:int4:g32",
+                                    "smoothquant"])
+def test_serving_params_hold_qarray_kernels_only(tiny, recipe):
+    sp, _, info = _run(tiny, recipe)
+    assert info["seconds"] >= 0
+    for i in range(tiny[0].n_layers):
+        block = sp[f"block_{i}"]
+        for mod, lins in (("attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                          ("mlp", ("gate_proj", "up_proj", "down_proj"))):
+            for lin in lins:
+                k = block[mod][lin]["kernel"]
+                assert isinstance(k, QArray), (recipe, lin)
+                assert k.qvalue.dtype in (jnp.int8, jnp.uint8)
+
+
+def test_gptq_model_error_below_rtn(tiny):
+    _, e_rtn, _ = _run(tiny, "rtn:int3:g32")
+    _, e_gptq, _ = _run(tiny, "gptq:int3:g32")
+    assert e_gptq < e_rtn
+
+
+def test_smoothquant_w8a8_close_to_float(tiny):
+    # int8 per-token x per-channel: the logit error is a small fraction of the logit spread.
+    _, err, _ = _run(tiny, "smoothquant")
+    ref = tiny[3]
+    assert err < 1e-3 * float(jnp.var(ref))
+
+
+def test_calibration_methods_need_data(tiny):
+    cfg, params, _, _ = tiny
+    with pytest.raises(ValueError, match="calibration data"):
+        quantize_model(cfg, params, parse_recipe("gptq:int4:g32"), None, progress=False)
+
+
+def test_effective_group():
+    assert effective_group(1536, 128) == 128
+    assert effective_group(576, 128) == 96
+    assert effective_group(576, None) is None
