@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the main job: PTQ recipes on SmolLM2-135M, PTB perplexity")
     common(demo, data=False, calib=False)
     demo.add_argument("--full", action="store_true", help="evaluate the full PTB test split")
-    demo.add_argument("--max-tokens", type=int, default=16384, help="PTB-test tokens per recipe")
+    demo.add_argument("--max-tokens", type=int, default=8192, help="PTB-test tokens per recipe")
     demo.add_argument("--calib-windows", type=int, default=32)
     demo.add_argument("--calib-len", type=int, default=512)
     demo.add_argument("--recipes", help="comma-separated recipes (default: the demo table)")

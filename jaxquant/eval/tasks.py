@@ -155,7 +155,7 @@ class DemoBudget:
       calib_len: calibration window length.
     """
 
-    eval_tokens: int | None = 16384
+    eval_tokens: int | None = 8192
     seq_len: int = 2048
     calib_windows: int = 32
     calib_len: int = 512
