@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxquant.core.calibration import compute_scale
 from jaxquant.core.dot_config import BackwardSpec, DotGeneralConfig
 from jaxquant.core.qarray import QArray, quantize
 from jaxquant.core.spec import QuantSpec
@@ -177,15 +178,32 @@ def _scaled_codes_dot(lq: QArray, rq: QArray, dn, out_dtype, kind: str):
     return (y.astype(jnp.float32) * (sl * sr)).astype(out_dtype)
 
 
+def _quantize_dynamic(x, spec: QuantSpec, contracting_axes, key) -> QArray:
+    """:func:`quantize_operand` (unpacked) for the dynamic path, with the same result.
+
+    Symmetric absmax without groups (W8A8, fp8) takes its range from one reduce of ``|x|`` over
+    the contracting axes, instead of the general calibration's separate min and max reduces:
+    ``max(|min x|, |max x|) == max |x|`` exactly, so the scale and codes are identical, at one
+    pass over ``x`` less.
+    """
+    full = operand_spec(spec, x.ndim, contracting_axes)
+    if spec.symmetric and spec.calibration == "absmax" and spec.group_size is None:
+        axes = tuple(a % x.ndim for a in contracting_axes)
+        amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=axes, keepdims=True)
+        scale, _ = compute_scale(-amax, amax, full)
+        return quantize(x, full, key, scale=scale, pack=False)
+    return quantize(x, full, key, pack=False)
+
+
 def _quantized_operands(lhs, rhs, dn, lspec, rspec, key):
     (lc, rc), _ = dn
     kl = kr = None
     if key is not None:
         kl, kr = jax.random.split(key)
     if not isinstance(lhs, QArray) and lspec is not None:
-        lhs = quantize_operand(lhs, lspec, lc, key=kl, pack=False)
+        lhs = _quantize_dynamic(lhs, lspec, lc, kl)
     if not isinstance(rhs, QArray) and rspec is not None:
-        rhs = quantize_operand(rhs, rspec, rc, key=kr, pack=False)
+        rhs = _quantize_dynamic(rhs, rspec, rc, kr)
     return lhs, rhs
 
 
@@ -272,7 +290,10 @@ def _derive_key(config: DotGeneralConfig, x, salt: int):
     if not any(s is not None and s.rounding == "stochastic" for s in specs):
         return None
     xf = x.dequantize(jnp.float32) if isinstance(x, QArray) else x.astype(jnp.float32)
-    digest = lax.bitcast_convert_type(jnp.sum(xf) + jnp.sum(jnp.abs(xf)), jnp.uint32)
+    # A wrapping integer sum of the bit patterns is exact, so the digest (hence the rounding
+    # noise) doesn't depend on the reduction order: eager, jitted and sharded runs agree. A
+    # float sum differs in its last bits between them and gave different keys.
+    digest = jnp.sum(lax.bitcast_convert_type(xf, jnp.uint32), dtype=jnp.uint32)
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), salt), digest)
 
 
