@@ -46,7 +46,8 @@ def attend(
     v: jax.Array,
     q_pos: jax.Array,
     k_pos: jax.Array,
-    config: DotGeneralConfig | None = None,
+    qk_config: DotGeneralConfig | None = None,
+    pv_config: DotGeneralConfig | None = None,
 ) -> jax.Array:
     """Causal GQA attention ``softmax(q k^T / sqrt(hd)) v``.
 
@@ -55,7 +56,7 @@ def attend(
       k, v: ``[B, T, KV, hd]`` keys and values.
       q_pos: ``[B, S]`` positions of the queries; ``k_pos``: ``[B, T]`` of the keys. Key ``t`` is
         visible to query ``s`` iff ``k_pos[t] <= q_pos[s]``.
-      config: quantization of the two products (both operands are activations), or None.
+      qk_config, pv_config: quantization of the products ``q k^T`` and ``p v``, or None.
 
     Returns:
       ``[B, S, H, hd]`` in ``q``'s dtype.
@@ -63,12 +64,12 @@ def attend(
     b, s, h, hd = q.shape
     nkv = k.shape[2]
     qg = q.reshape(b, s, nkv, h // nkv, hd)
-    scores = einsum("bskgd,btkd->bkgst", qg, k, config=config).astype(jnp.float32)
+    scores = einsum("bskgd,btkd->bkgst", qg, k, config=qk_config).astype(jnp.float32)
     scores = scores * (1.0 / math.sqrt(hd))
     mask = k_pos[:, None, None, None, :] <= q_pos[:, None, None, :, None]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = einsum("bkgst,btkd->bskgd", probs, v, config=config)
+    out = einsum("bkgst,btkd->bskgd", probs, v, config=pv_config)
     return out.reshape(b, s, h, hd).astype(q.dtype)
 
 
@@ -103,6 +104,8 @@ class Attention(nn.Module):
             k_pos = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), (b, k.shape[1]))
         else:
             k_pos = positions
-        attn_cfg = None if self.mode == QuantMode.CALIBRATE else cfg.attn_config
-        out = attend(q, k, v, positions, k_pos, attn_cfg).reshape(b, s, cfg.q_dim)
+        calib = self.mode == QuantMode.CALIBRATE
+        qk_cfg = None if calib else cfg.attn_qk_config
+        pv_cfg = None if calib else cfg.attn_pv_config
+        out = attend(q, k, v, positions, k_pos, qk_cfg, pv_cfg).reshape(b, s, cfg.q_dim)
         return qdense(self, "o_proj", cfg.d_model, cfg, self.mode)(out), cache

@@ -51,8 +51,13 @@ class TransformerConfig:
       quant_rules: :class:`QuantRule` s matched against module paths such as
         ``"block_3/attn/q_proj"``, ``"block_0/mlp/down_proj"``, ``"lm_head"`` and ``"embed"``
         (the tied head, and the table the lookup reads). First match wins; no match is float.
-      attn_config: :class:`DotGeneralConfig` for the attention products ``QK^T`` and ``PV``
-        (both operands are activations), or None for float.
+      attn_qk_config: :class:`DotGeneralConfig` of the score product ``Q K^T`` (both operands
+        are activations, quantized per token and head over ``hd``: causal), or None for float.
+      attn_pv_config: :class:`DotGeneralConfig` of ``P V``, or None for float. Its contraction
+        runs over the key tokens, so a quantized ``V`` (``rhs``) gets one scale per channel over
+        *all* tokens: in a full forward, later tokens then influence earlier outputs through that
+        scale, and decoding no longer equals the full forward. Quantizing only the
+        probabilities (``DotGeneralConfig(lhs=QuantSpec(qtype="int8"))``) stays causal.
       kv_cache_qtype: KV-cache storage for decoding: None (the compute dtype), ``"int8"`` or
         ``"int4"`` (packed), with a scale per (batch, token, kv head).
       init_std: stddev of the random normal init of embeddings and kernels.
@@ -76,7 +81,8 @@ class TransformerConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     quant_rules: tuple[QuantRule, ...] = ()
-    attn_config: DotGeneralConfig | None = None
+    attn_qk_config: DotGeneralConfig | None = None
+    attn_pv_config: DotGeneralConfig | None = None
     kv_cache_qtype: str | None = None
     init_std: float = 0.02
 
@@ -121,10 +127,10 @@ class TransformerConfig:
         if not all(isinstance(r, QuantRule) for r in rules):
             raise ValueError("quant_rules must be a sequence of QuantRule.")
         object.__setattr__(self, "quant_rules", tuple(rules))
-        if self.attn_config is not None and not isinstance(self.attn_config, DotGeneralConfig):
-            raise ValueError(
-                f"attn_config must be a DotGeneralConfig or None, got {self.attn_config!r}."
-            )
+        for name in ("attn_qk_config", "attn_pv_config"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, DotGeneralConfig):
+                raise ValueError(f"{name} must be a DotGeneralConfig or None, got {v!r}.")
         if self.kv_cache_qtype is not None:
             kv = canonical_qtype(self.kv_cache_qtype)
             if kv not in KV_QTYPES:

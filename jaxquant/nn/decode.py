@@ -2,7 +2,9 @@
 
 Each call is jitted once per shape: ``prefill`` per prompt shape, ``decode_step`` once for all
 positions (the cache is written at its traced ``length``). Works in any mode: TRAIN with float
-params, or SERVE with converted params.
+params, or SERVE with converted params. With ``donate=True`` the input cache's buffers are
+reused for the output (updated in place on GPU/TPU; the old cache must not be used again);
+``generate`` donates on accelerators.
 
 Example::
 
@@ -12,7 +14,6 @@ Example::
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -22,23 +23,36 @@ from jaxquant.nn.kv_cache import KVCache, init_kv_cache
 from jaxquant.nn.transformer import Transformer
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward(model: Transformer, params: Any, tokens: jax.Array, cache: KVCache):
+def _apply(model: Transformer, params: Any, tokens: jax.Array, cache: KVCache):
     return model.apply({"params": params}, tokens, cache=cache)
 
 
-def prefill(model: Transformer, params: Any, tokens: jax.Array, cache: KVCache):
+_forward = jax.jit(_apply, static_argnums=0)
+_forward_donated = jax.jit(_apply, static_argnums=0, donate_argnums=3)
+
+
+def _donate_default() -> bool:
+    return jax.default_backend() != "cpu"  # CPU ignores donation (with a warning)
+
+
+def prefill(
+    model: Transformer, params: Any, tokens: jax.Array, cache: KVCache, *, donate: bool = False
+):
     """Runs the prompt ``tokens [B, P]`` through the model, filling ``cache``.
 
     Returns:
       ``(logits [B, P, V], cache)`` with ``cache.length`` advanced by ``P``.
     """
-    return _forward(model, params, jnp.asarray(tokens, jnp.int32), cache)
+    fn = _forward_donated if donate else _forward
+    return fn(model, params, jnp.asarray(tokens, jnp.int32), cache)
 
 
-def decode_step(model: Transformer, params: Any, tokens: jax.Array, cache: KVCache):
+def decode_step(
+    model: Transformer, params: Any, tokens: jax.Array, cache: KVCache, *, donate: bool = False
+):
     """One step: ``tokens [B, 1]`` at position ``cache.length`` -> ``(logits [B, 1, V], cache)``."""
-    return _forward(model, params, jnp.asarray(tokens, jnp.int32), cache)
+    fn = _forward_donated if donate else _forward
+    return fn(model, params, jnp.asarray(tokens, jnp.int32), cache)
 
 
 def sample(
@@ -62,10 +76,15 @@ def sample(
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6))
-def _step_and_sample(model, params, tok, cache, key, temperature, top_k):
+def _step_and_sample_impl(model, params, tok, cache, key, temperature, top_k):
     logits, cache = model.apply({"params": params}, tok[:, None], cache=cache)
     return sample(logits[:, -1], key, temperature, top_k), logits[:, -1], cache
+
+
+_step_and_sample = jax.jit(_step_and_sample_impl, static_argnums=(0, 5, 6))
+_step_and_sample_donated = jax.jit(
+    _step_and_sample_impl, static_argnums=(0, 5, 6), donate_argnums=3
+)
 
 
 def generate(
@@ -110,16 +129,16 @@ def generate(
         raise ValueError("temperature > 0 needs key=jax.random.key(...).")
     if key is None:
         key = jax.random.key(0)
+    donate = _donate_default()
+    step = _step_and_sample_donated if donate else _step_and_sample
     cache = init_kv_cache(model.cfg, b, max_len, qtype=kv_cache_qtype)
-    logits, cache = prefill(model, params, prompt, cache)
+    logits, cache = prefill(model, params, prompt, cache, donate=donate)
     key, sub = jax.random.split(key)
     tok = sample(logits[:, -1], sub, temperature, top_k)
     out, all_logits = [tok], [logits[:, -1]]
     for _ in range(max_new_tokens - 1):
         key, sub = jax.random.split(key)
-        tok, last, cache = _step_and_sample(
-            model, params, tok, cache, sub, float(temperature), top_k
-        )
+        tok, last, cache = step(model, params, tok, cache, sub, float(temperature), top_k)
         out.append(tok)
         all_logits.append(last)
     tokens = jnp.concatenate([prompt, jnp.stack(out, axis=1)], axis=1)

@@ -38,6 +38,7 @@ from jaxquant.nn.modes import (
     act_stats_update,
     static_scale,
 )
+from jaxquant.nn.rules import gather_rows
 
 Initializer = Callable[..., jax.Array]
 default_kernel_init = nn.initializers.lecun_normal()
@@ -63,7 +64,8 @@ class _QuantizedLinear:
         if self.mode == QuantMode.SERVE and spec is not None:
 
             def init(key, shape, dtype):
-                return quantize_operand(self.kernel_init(key, shape, dtype), spec, k_contract)
+                w = self._cast(self.kernel_init(key, shape, dtype))
+                return quantize_operand(w, spec, k_contract)
 
             return self.param("kernel", init, shape, self.param_dtype)
         return self.param("kernel", self.kernel_init, shape, self.param_dtype)
@@ -111,7 +113,8 @@ class _QuantizedLinear:
                 )
             return product(x, self._cast(kernel), None)
         if self.mode == QuantMode.CONVERT and cfg is not None and cfg.rhs is not None:
-            kernel = quantize_operand(kernel, cfg.rhs, k_contract)
+            # Quantize what TRAIN quantizes: the kernel cast to the compute dtype.
+            kernel = quantize_operand(self._cast(kernel), cfg.rhs, k_contract)
             self.put_variable("params", "kernel", kernel)
         if (
             self.static_activation is not None
@@ -293,18 +296,31 @@ class QEmbed(nn.Module):
         if self.mode == QuantMode.SERVE and spec is not None:
 
             def init(key, shape, dtype):
-                return quantize_operand(self.embedding_init(key, shape, dtype), spec, (1,))
+                return quantize_operand(
+                    self._cast(self.embedding_init(key, shape, dtype)), spec, (1,)
+                )
 
             self.embedding = self.param("embedding", init, shape, self.param_dtype)
         else:
             self.embedding = self.param("embedding", self.embedding_init, shape, self.param_dtype)
 
+    def kernel_contracting_axes(self, *_) -> tuple[int, ...]:
+        return (1,)  # the table is the rhs of the head product x . E^T
+
     @property
     def _spec(self):
         return self.config.rhs if self.config is not None else None
 
+    def _cast(self, e):
+        if self.dtype is None:
+            return e
+        if isinstance(e, QArray):
+            return dataclasses.replace(e, dtype=np.dtype(self.dtype))
+        return e.astype(self.dtype)
+
     def _table(self):
-        e = self.embedding
+        """The table in the compute dtype; a QArray in CONVERT (stored) and SERVE."""
+        e = self._cast(self.embedding)
         if self.mode == QuantMode.CONVERT and self._spec is not None:
             e = quantize_operand(e, self._spec, (1,))
             self.put_variable("params", "embedding", e)
@@ -313,53 +329,19 @@ class QEmbed(nn.Module):
     def __call__(self, tokens):
         """``tokens [...]`` int -> ``[..., D]``."""
         e = self._table()
-        dtype = self.dtype or self.param_dtype
         if isinstance(e, QArray):
-            return gather_rows(e, tokens).dequantize(dtype)
+            return gather_rows(e, tokens).dequantize(e.dtype)
         rows = jnp.take(e, tokens, axis=0)
         if self._spec is not None and self.mode == QuantMode.TRAIN:
             # Per-row quantization of the gathered rows equals that of the whole table.
             q = quantize_operand(jax.lax.stop_gradient(rows), self._spec, (rows.ndim - 1,))
             rows = rows + jax.lax.stop_gradient(q.dequantize(rows.dtype) - rows)
-        return rows.astype(dtype)
+        return rows
 
     def attend(self, x):
         """The tied head: ``x [..., D] -> [..., V]`` through the quantized ``dot_general``."""
         e = self._table()
         if self.dtype is not None:
             x = x.astype(self.dtype)
-            e = (
-                dataclasses.replace(e, dtype=np.dtype(self.dtype))
-                if isinstance(e, QArray)
-                else e.astype(self.dtype)
-            )
         cfg = None if self.mode == QuantMode.CALIBRATE else self.config
         return dot_general(x, e, (((x.ndim - 1,), (1,)), ((), ())), config=cfg)
-
-
-def gather_rows(q: QArray, idx: jax.Array) -> QArray:
-    """Rows ``idx`` of a QArray quantized with a scale per row (``channel_axes == (0,)``).
-
-    Returns a QArray of shape ``[*idx.shape, *q.shape[1:]]`` (the codes stay packed).
-    """
-    if q.channel_axes[:1] != (0,) or q.pack_axis == 0 or q.group_axis == 0:
-        raise ValueError(
-            f"gather_rows needs a QArray with a scale per row (channel axis 0, not packed or "
-            f"grouped along it); got channel_axes={q.channel_axes}, pack_axis={q.pack_axis}, "
-            f"group_axis={q.group_axis}."
-        )
-    n = jnp.ndim(idx)
-    shift = lambda a: None if a is None else a + n - 1
-    take = lambda a: None if a is None else jnp.take(a, idx, axis=0)
-    return QArray(
-        qvalue=take(q.qvalue),
-        scale=take(q.scale),
-        zero_point=take(q.zero_point),
-        qtype=q.qtype,
-        shape=tuple(jnp.shape(idx)) + tuple(q.shape[1:]),
-        dtype=q.dtype,
-        channel_axes=tuple(range(n)) + tuple(shift(a) for a in q.channel_axes[1:]),
-        group_axis=shift(q.group_axis),
-        group_size=q.group_size,
-        pack_axis=shift(q.pack_axis),
-    )

@@ -8,7 +8,8 @@ a rule with ``config=None`` keeps the matched layers float.
 Two ways to use them:
 
 * inside jaxquant's own layers and :class:`~jaxquant.nn.Transformer` (rules in the config);
-* on a plain linen model written with ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Einsum``:
+* on a plain linen model written with ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Einsum`` /
+  ``nn.Embed``:
   :func:`quantize_params` turns its float kernels into QArrays, and
   :func:`quantized_interceptor` runs the model on them (through ``nn.intercept_methods``)::
 
@@ -47,7 +48,8 @@ class QuantRule:
       config: the layer's :class:`DotGeneralConfig`, or None to keep it float.
       static_activation: None for dynamic activation scales (the config's), or ``"absmax"`` /
         ``"percentile"``: serve with one static per-tensor activation scale calibrated in
-        ``CALIBRATE`` mode (needs ``config.lhs`` without groups).
+        ``CALIBRATE`` mode (needs ``config.lhs`` without groups). TRAIN mode keeps dynamic
+        scales (there are no statistics yet); CONVERT stores the scale and SERVE uses it.
 
     Example:
       >>> rules = (QuantRule(r"lm_head", None), QuantRule(r"block_\\d+/", w8a8()))
@@ -154,17 +156,21 @@ def quantize_params(
     contracting_axes: ContractingAxes | None = None,
     warn: bool = True,
 ) -> tuple[Any, QuantReport]:
-    """Quantizes every ``kernel`` leaf of a linen param tree by the first matching rule.
+    """Quantizes every ``kernel`` (and ``embedding``) leaf of a linen param tree by the first
+    matching rule.
 
     The kernel at ``a/b/kernel`` has module path ``a/b``. It is replaced by
     ``quantize_operand(kernel, rule.config.rhs, contracting_axes)`` (what the quantized
     ``dot_general`` would do to it on the fly), so serving reproduces the quantized forward.
+    An ``embedding`` table ``[V, D]`` is quantized as the rhs of the tied head ``x . E^T``
+    (contracting axis 1: a scale per row, or groups along ``D``), as :class:`~jaxquant.nn.QEmbed`
+    and the interceptor's ``nn.Embed`` support expect.
 
     Args:
       params: the ``params`` collection (nested dicts).
       rules: :class:`QuantRule` s, first match wins.
-      contracting_axes: the kernel axes each layer contracts. None: ``(0,)`` (``nn.Dense`` and a
-        single-input-axis ``nn.DenseGeneral``); else a ``{path: axes}`` mapping (see
+      contracting_axes: the kernel axes each layer contracts. None: ``(0,)`` for kernels
+        (``nn.Dense``, a single-input-axis ``nn.DenseGeneral``), ``(1,)`` for embeddings; else a ``{path: axes}`` mapping (see
         :func:`infer_contracting_axes`) or a function ``(path, shape) -> axes``.
       warn: emit a ``UserWarning`` for rules that matched nothing.
 
@@ -183,7 +189,7 @@ def quantize_params(
     new = {}
     for key, leaf in flat.items():
         new[key] = leaf
-        if key[-1] != "kernel":
+        if key[-1] not in ("kernel", "embedding"):
             continue
         path = "/".join(str(k) for k in key[:-1])
         m = match_rule(rules, path)
@@ -195,7 +201,7 @@ def quantize_params(
         matched[path] = i
         if rule.config is None or rule.config.rhs is None or isinstance(leaf, QArray):
             continue
-        axes = _axes_for(contracting_axes, path, tuple(np.shape(leaf)))
+        axes = _axes_for(contracting_axes, path, tuple(np.shape(leaf)), key[-1])
         new[key] = quantize_operand(jnp.asarray(leaf), rule.config.rhs, axes)
         quantized.append(path)
     unused = tuple(r for i, r in enumerate(rules) if i not in used)
@@ -215,11 +221,11 @@ def _as_dict(tree):
     return tree
 
 
-def _axes_for(spec, path, shape) -> tuple[int, ...]:
-    if spec is None:
-        return (0,)
+def _axes_for(spec, path, shape, leaf_name="kernel") -> tuple[int, ...]:
     if callable(spec):
         return tuple(spec(path, shape))
+    if spec is None or (leaf_name == "embedding" and path not in spec):
+        return (1,) if leaf_name == "embedding" else (0,)
     if path not in spec:
         raise ValueError(f"contracting_axes has no entry for {path!r}; known: {sorted(spec)[:8]}.")
     return tuple(spec[path])
@@ -261,7 +267,8 @@ def _dense_general_axes(mod, ndim: int):
 def infer_contracting_axes(
     model: nn.Module, *example_args, **example_kwargs
 ) -> dict[str, tuple[int, ...]]:
-    """``{module path: kernel contracting axes}`` for every Dense / DenseGeneral / Einsum.
+    """``{module path: kernel contracting axes}`` for every Dense / DenseGeneral / Einsum / Embed
+    (and jaxquant's Q layers).
 
     Traces ``model.init`` abstractly (``jax.eval_shape``: nothing is computed).
     """
@@ -278,6 +285,10 @@ def infer_contracting_axes(
             elif isinstance(mod, nn.Einsum):
                 eq = args[1] if len(args) > 1 and args[1] is not None else mod.einsum_str
                 found[module_path(mod)] = _einsum_axes(eq)[1]
+            elif isinstance(mod, nn.Embed):
+                found[module_path(mod)] = (1,)
+            elif hasattr(mod, "kernel_contracting_axes"):  # jaxquant's own Q layers
+                found[module_path(mod)] = tuple(mod.kernel_contracting_axes())
         return next_fun(*args, **kwargs)
 
     def init():
@@ -290,7 +301,9 @@ def infer_contracting_axes(
 
 def quantized_interceptor(rules: Sequence[QuantRule]):
     """An ``nn.intercept_methods`` interceptor that runs Dense / DenseGeneral / Einsum layers
-    whose ``kernel`` is a QArray through :func:`~jaxquant.core.dot_general.dot_general`.
+    whose ``kernel`` is a QArray through :func:`~jaxquant.core.dot_general.dot_general`, and
+    ``nn.Embed`` layers whose ``embedding`` is one (lookup of the quantized rows; ``attend``
+    through ``dot_general``).
 
     The activation side uses the config of the first rule matching the layer's path (so a
     w8a8 rule gives the integer product); layers with float kernels run unchanged.
@@ -303,6 +316,15 @@ def quantized_interceptor(rules: Sequence[QuantRule]):
 
     def interceptor(next_fun, args, kwargs, ctx):
         mod = ctx.module
+        if isinstance(mod, nn.Embed):
+            if ctx.method_name == "setup":  # skip the param's shape check (packed codes)
+                table = mod.scope.get_variable("params", "embedding")
+                if isinstance(table, QArray):
+                    mod.embedding = table
+                    return None
+            if ctx.method_name in ("__call__", "attend"):
+                return _embed(next_fun, args, kwargs, ctx)
+            return next_fun(*args, **kwargs)
         if ctx.method_name != "__call__" or not isinstance(
             mod, (nn.Dense, nn.DenseGeneral, nn.Einsum)
         ):
@@ -334,4 +356,45 @@ def quantized_interceptor(rules: Sequence[QuantRule]):
             y = y + jnp.asarray(bias, y.dtype)
         return y
 
+    def _embed(next_fun, args, kwargs, ctx):
+        mod = ctx.module
+        table = mod.embedding
+        if not isinstance(table, QArray):
+            return next_fun(*args, **kwargs)
+        dtype = mod.dtype or table.dtype
+        if ctx.method_name == "__call__":
+            return gather_rows(table, jnp.asarray(args[0])).dequantize(dtype)
+        config, _ = config_for(rules, module_path(mod))
+        x = jnp.asarray(args[0]).astype(dtype)
+        table = dataclasses.replace(table, dtype=np.dtype(dtype))
+        return dot_general(x, table, (((x.ndim - 1,), (1,)), ((), ())), config=config)
+
     return interceptor
+
+
+def gather_rows(q: QArray, idx: jax.Array) -> QArray:
+    """Rows ``idx`` of a QArray quantized with a scale per row (``channel_axes == (0,)``).
+
+    Returns a QArray of shape ``[*idx.shape, *q.shape[1:]]`` (the codes stay packed).
+    """
+    if q.channel_axes[:1] != (0,) or q.pack_axis == 0 or q.group_axis == 0:
+        raise ValueError(
+            f"gather_rows needs a QArray with a scale per row (channel axis 0, not packed or "
+            f"grouped along it); got channel_axes={q.channel_axes}, pack_axis={q.pack_axis}, "
+            f"group_axis={q.group_axis}."
+        )
+    n = jnp.ndim(idx)
+    shift = lambda a: None if a is None else a + n - 1
+    take = lambda a: None if a is None else jnp.take(a, idx, axis=0)
+    return QArray(
+        qvalue=take(q.qvalue),
+        scale=take(q.scale),
+        zero_point=take(q.zero_point),
+        qtype=q.qtype,
+        shape=tuple(jnp.shape(idx)) + tuple(q.shape[1:]),
+        dtype=q.dtype,
+        channel_axes=tuple(range(n)) + tuple(shift(a) for a in q.channel_axes[1:]),
+        group_axis=shift(q.group_axis),
+        group_size=q.group_size,
+        pack_axis=shift(q.pack_axis),
+    )

@@ -124,7 +124,12 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {s} exceeds max_seq_len={cfg.max_seq_len}.")
         if cache is not None and len(cache.layers) != cfg.n_layers:
             raise ValueError(f"cache has {len(cache.layers)} layers, the model {cfg.n_layers}.")
-        embed_cfg, _ = config_for(cfg.quant_rules, module_path(self, "embed"))
+        embed_cfg, embed_static = config_for(cfg.quant_rules, module_path(self, "embed"))
+        if embed_static is not None:
+            raise ValueError(
+                "static_activation is not supported for the embedding (tied head); give the "
+                "rule matching 'embed' static_activation=None."
+            )
         embed = QEmbed(
             cfg.vocab_size,
             cfg.d_model,

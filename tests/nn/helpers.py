@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -12,3 +13,17 @@ EPS32 = float(np.finfo(np.float32).eps)
 def fwd(model, params, tokens):
     """``model.apply({"params": params}, tokens)``, jitted and cached by the (hashable) module."""
     return model.apply({"params": params}, tokens)
+
+
+def reassociation_tol(cfg, logits):
+    """Tolerance for two computations that differ only by float reassociation.
+
+    TRAIN vs SERVE use the same codes and scales, and cached vs full attention sums the same
+    terms (plus exact zeros for masked keys); only the order of float sums or of the rescale
+    differs: a few ulps (of the compute dtype) of each product's output. ``7 * n_layers + 1``
+    products run in sequence, and the normalized residual stream carries their errors to the
+    logits with gain ~1.
+    """
+    eps = float(jnp.finfo(cfg.compute_dtype).eps)
+    n_products = 7 * cfg.n_layers + 1
+    return 4 * eps * n_products * float(jnp.max(jnp.abs(logits)))

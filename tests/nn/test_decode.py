@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 import jaxquant.nn as jqn
-from jaxquant.core.dot_config import w8a8
+from jaxquant.core import QuantSpec
+from jaxquant.core.dot_config import DotGeneralConfig, w8a8
 from jaxquant.nn import QuantMode, Transformer, TransformerConfig
-from tests.nn.helpers import EPS32, fwd
+from tests.nn.helpers import EPS32, fwd, reassociation_tol
+from tests.nn.test_linear import iter_eqns
 
 TINY = TransformerConfig.tiny()
 SEQ = jax.random.randint(jax.random.key(5), (2, 10), 0, TINY.vocab_size)
@@ -32,19 +34,28 @@ def decode_logits(model, params, tokens, qtype, prompt=PROMPT):
     return jnp.concatenate(out, axis=1), cache
 
 
-def reassociation_tol(cfg, logits):
-    """The cached path sums attention over the (masked) cache capacity instead of the sequence:
-    a few ulps per product, ``7 * n_layers + 1`` products in sequence, gain ~1 to the logits."""
-    return 4 * EPS32 * (7 * cfg.n_layers + 1) * float(jnp.max(jnp.abs(logits)))
+# Causal attention quantization: int8 scores (Q and K per token), int8 probabilities, float V.
+ATTN_INT8 = dict(
+    attn_qk_config=w8a8(), attn_pv_config=DotGeneralConfig(lhs=QuantSpec(qtype="int8"))
+)
 
 
-@pytest.mark.parametrize("quantized", [False, True])
-def test_float_cache_decoding_equals_full_forward(quantized, tiny_params):
+@pytest.mark.parametrize("variant", ["float", "w8a8-serve", "int8-attention"])
+def test_float_cache_decoding_equals_full_forward(variant, tiny_params):
     model, params = Transformer(TINY), tiny_params
-    if quantized:  # SERVE mode with converted w8a8 params decodes the same way
+    if variant == "w8a8-serve":  # SERVE mode with converted w8a8 params decodes the same way
         cfg = TINY.with_quantization(w8a8())
         params = jqn.convert(Transformer(cfg), params)
         model = Transformer(cfg, mode=QuantMode.SERVE)
+    elif variant == "int8-attention":
+        model = Transformer(TransformerConfig.tiny(**ATTN_INT8))
+        jaxpr = jax.make_jaxpr(model.apply)({"params": params}, SEQ)
+        int_dots = [
+            e
+            for e in iter_eqns(jaxpr.jaxpr)
+            if e.primitive.name == "dot_general" and all(v.aval.dtype == jnp.int8 for v in e.invars)
+        ]
+        assert len(int_dots) == TINY.n_layers  # QK^T is int8 x int8; PV has a float V
     full = full_forward(model, params, SEQ)
     dec, cache = decode_logits(model, params, SEQ, None)
     assert int(cache.length) == SEQ.shape[1]

@@ -77,6 +77,36 @@ def test_dense_general_and_einsum_kernels():
     assert param_bytes(qparams) < param_bytes(params)
 
 
+class PlainLM(nn.Module):
+    """nn.Embed with a tied head (``attend``) around a Dense."""
+
+    @nn.compact
+    def __call__(self, tokens):
+        embed = nn.Embed(64, 16, name="embed")
+        x = nn.Dense(16, use_bias=False, name="mix")(embed(tokens))
+        return embed.attend(x)
+
+
+def test_plain_embed_with_tied_head():
+    model, tokens = PlainLM(), jnp.arange(12).reshape(2, 6)
+    params = model.init(jax.random.key(0), tokens)["params"]
+    assert infer_contracting_axes(model, tokens) == {"embed": (1,), "mix": (0,)}
+    rules = [QuantRule("embed", weight_only("int4", 8)), QuantRule("mix", weight_only("int8"))]
+    qparams, report = quantize_params(params, rules)
+    assert report.quantized == ("embed", "mix")
+    table = qparams["embed"]["embedding"]
+    assert table.qvalue.shape == (64, 8) and table.scale.shape == (64, 2)  # packed, g8 along D
+    deq = jax.tree.map(
+        lambda a: a.dequantize() if isinstance(a, QArray) else a,
+        qparams,
+        is_leaf=lambda a: isinstance(a, QArray),
+    )
+    ref = model.apply({"params": deq}, tokens)
+    with nn.intercept_methods(quantized_interceptor(rules)):
+        y = model.apply({"params": qparams}, tokens)
+    np.testing.assert_allclose(y, ref, rtol=0, atol=16 * EPS32 * float(jnp.max(jnp.abs(ref))))
+
+
 def test_first_rule_wins_and_none_keeps_float():
     params = Plain().init(jax.random.key(0), X)["params"]
     rules = [QuantRule("up", None), QuantRule("up|out", w8a8())]

@@ -13,7 +13,7 @@ import jaxquant.nn as jqn
 from jaxquant.core import QArray
 from jaxquant.core.dot_config import w8a8, weight_only
 from jaxquant.nn import QuantMode, QuantRule, Transformer, TransformerConfig
-from tests.nn.helpers import EPS32, fwd
+from tests.nn.helpers import EPS32, fwd, reassociation_tol
 
 TINY = TransformerConfig.tiny()
 TOKENS = jax.random.randint(jax.random.key(0), (2, 12), 0, TINY.vocab_size)
@@ -23,14 +23,6 @@ QUANT = {"w8a8": w8a8(), "w8": weight_only("int8"), "w4g32": weight_only("int4",
 @pytest.fixture
 def params_for(tiny_params, untied_params):
     return lambda cfg: tiny_params if cfg.tie_embeddings else untied_params
-
-
-def reassociation_tol(cfg, logits):
-    """TRAIN and SERVE use the same codes and scales; only the float rescale of each product may be
-    reassociated (a few ulps of its output). ``n_products`` such products run in sequence and the
-    residual stream carries their errors to the logits with gain ~1."""
-    n_products = 7 * cfg.n_layers + 1
-    return 4 * EPS32 * n_products * float(jnp.max(jnp.abs(logits)))
 
 
 def shapes(tree):
@@ -102,8 +94,9 @@ def test_converted_params_hold_no_float_kernels(name, tiny_params):
         else:  # embeddings and norm scales stay float (the head rule is None)
             assert not isinstance(leaf, QArray) and leaf.dtype == jnp.float32, keys
     # The generic rule path gives the same kernels as CONVERT mode.
-    qp, report = jqn.quantize_params(params, cfg.quant_rules, warn=False)
+    qp, report = jqn.quantize_params(params, cfg.quant_rules)
     assert len(report.quantized) == 7 * cfg.n_layers
+    assert report.unmatched_rules == () and report.matched["embed"] == 1  # kept float by rule 1
     for a, b in zip(jax.tree.leaves(qp), jax.tree.leaves(sp), strict=True):
         np.testing.assert_array_equal(a, b)
     assert jqn.param_bytes(sp) == jqn.serving_param_bytes(cfg)
@@ -287,3 +280,17 @@ def test_public_names_import():
     ]:
         assert hasattr(jqn, name), name
     assert QuantRule("x", None).config is None
+
+
+def test_bf16_compute_train_equals_serve(tiny_params):
+    """With a bf16 compute dtype, TRAIN quantizes the bf16-cast kernel and CONVERT stores exactly
+    that, so SERVE still matches (to bf16 reassociation)."""
+    cfg = TransformerConfig.tiny(dtype="bfloat16").with_quantization(
+        w8a8(), head=weight_only("int8")
+    )
+    y_train = fwd(Transformer(cfg), tiny_params, TOKENS)
+    sp = jqn.convert(Transformer(cfg), tiny_params)
+    assert sp["block_0"]["mlp"]["up_proj"]["kernel"].dtype == jnp.bfloat16
+    y_serve = fwd(Transformer(cfg, mode=QuantMode.SERVE), sp, TOKENS)
+    assert y_serve.dtype == jnp.float32
+    np.testing.assert_allclose(y_serve, y_train, rtol=0, atol=reassociation_tol(cfg, y_train))
