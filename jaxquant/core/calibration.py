@@ -13,6 +13,8 @@ Internally the grouped axis ``a`` of size ``n`` is viewed as ``(n // g, g)`` ("g
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -107,11 +109,14 @@ def calibrate(x: jax.Array, spec: QuantSpec, layout: Layout) -> tuple[jax.Array,
 def _mse_search(xg, lo, hi, spec: QuantSpec, layout: Layout):
     """Shrinks ``(lo, hi)`` by the ratio in ``[mse_min_ratio, 1]`` minimising the squared error."""
     ratios = jnp.linspace(1.0, spec.mse_min_ratio, spec.mse_grid)
+    # The search compares ranges by their round-to-nearest error, so it needs no PRNG key even
+    # when the spec itself rounds stochastically.
+    search_spec = dataclasses.replace(spec, rounding="nearest")
 
     def err_for(r):
         lo_r, hi_r = lo * r, hi * r
-        scale, zp = compute_scale(lo_r, hi_r, spec)
-        q = quantize_codes(xg, scale, zp, spec, layout, grouped=True)
+        scale, zp = compute_scale(lo_r, hi_r, search_spec)
+        q = quantize_codes(xg, scale, zp, search_spec, layout, grouped=True)
         xh = dequantize_codes(q, scale, zp, spec.qtype, layout, grouped=True)
         return _reduce(jnp.sum, (xh - xg) ** 2, layout)
 
@@ -130,7 +135,8 @@ def compute_scale(
     ``scale = (hi - lo) / (qmax - qmin)`` and ``zero_point = qmin - lo / scale`` (a float, so
     ``lo`` and ``hi`` are both exactly on the grid, as in GGUF's Q4_1).
 
-    An all-zero range gives ``scale = 1`` so that codes and the dequantized values are 0, not NaN.
+    An all-zero range gives ``scale = 1`` so that codes and the dequantized values are 0, not NaN;
+    a constant asymmetric range ``lo == hi == c`` gives ``scale = |c|`` so that c is exact.
 
     Returns:
       ``(scale, zero_point)``; ``zero_point`` is None when symmetric.
@@ -144,7 +150,10 @@ def compute_scale(
         return scale, None
     span = hi - lo
     scale = span / (qt.qmax - qt.qmin)
-    scale = jnp.where(scale > 0, scale, 1.0).astype(dtype)
+    # A constant group (lo == hi == c) takes scale |c|: c / scale = +-1 and the zero point are
+    # then small integers, so c comes back exactly instead of losing bits in a float zero point.
+    mag = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+    scale = jnp.where(scale > 0, scale, jnp.where(mag > 0, mag, 1.0)).astype(dtype)
     zero_point = (qt.qmin - lo / scale.astype(jnp.float32)).astype(dtype)
     return scale, zero_point
 

@@ -45,7 +45,8 @@ def fake_quant(
     q = calibration.quantize_codes(xs, scale, zp, spec, layout, key=key)
     xq = calibration.dequantize_codes(q, scale, zp, spec.qtype, layout, dtype=x.dtype)
     if gradient == "ste":
-        return x + jax.lax.stop_gradient(xq - x)
+        # xq + (x - x): exactly xq forward (x + (xq - x) would round), gradient 1 backward.
+        return jax.lax.stop_gradient(xq) + (x - xs)
     g = calibration.to_grouped(xs, layout)
     inside = (g >= calibration.expand_stat(lo, layout)) & (g <= calibration.expand_stat(hi, layout))
     mask = calibration.from_grouped(inside, layout).astype(x.dtype)

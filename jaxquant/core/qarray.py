@@ -204,7 +204,7 @@ def quantize(
     q = calibration.quantize_codes(x, scale, zero_point, spec, layout, key=key)
     qt = spec.qt
     pack_axis = None
-    if pack and qt.packed:
+    if pack and qt.packed and x.ndim > 0:  # a 0-d tensor has no axis to pack along
         pack_axis = choose_pack_axis(layout)
         q = packing.pack(q, qt.storage_bits, pack_axis)
     return QArray(

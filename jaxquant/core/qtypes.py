@@ -46,7 +46,7 @@ NF4_CODEBOOK = np.array(
 )
 
 # The 15 distinct values of fp4 e2m1 (OCP MX spec), divided by its max 6 so the table spans
-# [-1, 1]; -0 is dropped so that every code is a distinct value (16th entry repeats +0).
+# [-1, 1]; -0 is dropped, so the 16th entry repeats the max (+1) and is never produced.
 _E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=np.float32)
 FP4_CODEBOOK = np.concatenate([-_E2M1[:0:-1], _E2M1, [6.0]]) / 6.0
 FP4_CODEBOOK = FP4_CODEBOOK.astype(np.float32)

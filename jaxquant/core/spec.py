@@ -79,6 +79,8 @@ class QuantSpec:
                 )
         elif self.group_axis is not None:
             raise ValueError("group_axis was given without group_size; set group_size too.")
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"symmetric must be True or False, got {self.symmetric!r}.")
         if self.calibration not in CALIBRATIONS:
             raise ValueError(
                 f"Unknown calibration {self.calibration!r}; use one of {CALIBRATIONS}."
