@@ -32,6 +32,7 @@ from jaxquant.core import QArray, quantize
 from jaxquant.core.dot_config import DotGeneralConfig
 from jaxquant.core.dot_general import dot_general, einsum, operand_spec, quantize_operand
 from jaxquant.nn.modes import (
+    STATIC_METHODS,
     STATS_COLLECTION,
     QuantMode,
     act_stats_init,
@@ -103,6 +104,17 @@ class _QuantizedLinear:
             x = x.astype(self.dtype)
         kernel = self._kernel(kernel_shape, k_contract)
         cfg = self.config
+        if self.static_activation is not None:
+            if self.static_activation not in STATIC_METHODS:
+                raise ValueError(
+                    f"static_activation must be None or one of {STATIC_METHODS}, got "
+                    f"{self.static_activation!r}."
+                )
+            if cfg is None or cfg.lhs is None or cfg.lhs.group_size is not None:
+                raise ValueError(
+                    "static_activation needs a config quantizing the activations (lhs) without "
+                    "groups, e.g. w8a8()."
+                )
         if self.mode == QuantMode.CALIBRATE:
             xc = jnp.moveaxis(x, x_contract, tuple(range(x.ndim - len(x_contract), x.ndim)))
             chan = tuple(x.shape[a] for a in x_contract)
@@ -116,12 +128,7 @@ class _QuantizedLinear:
             # Quantize what TRAIN quantizes: the kernel cast to the compute dtype.
             kernel = quantize_operand(self._cast(kernel), cfg.rhs, k_contract)
             self.put_variable("params", "kernel", kernel)
-        if (
-            self.static_activation is not None
-            and cfg is not None
-            and cfg.lhs is not None
-            and self.mode in (QuantMode.CONVERT, QuantMode.SERVE)
-        ):
+        if self.static_activation is not None and self.mode in (QuantMode.CONVERT, QuantMode.SERVE):
             x = self._static_lhs(x, x_contract)
         return product(x, self._cast(kernel), cfg)
 

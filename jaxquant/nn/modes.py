@@ -10,7 +10,9 @@ A model built from :class:`~jaxquant.nn.QDense` (and friends) runs in one of fou
 * ``CONVERT``: reads the float kernels and writes the serving params into the (mutable)
   ``params`` collection: each quantized kernel becomes a :class:`~jaxquant.core.QArray` made
   by ``quantize_operand`` (no float copy kept), plus a static activation scale where the layer
-  asks for one. Use :func:`convert` rather than calling it by hand.
+  asks for one. :func:`convert` does this; by hand it is
+  ``_, v = model.clone(mode=CONVERT).apply({"params": p, "quant_stats": s}, x, mutable=["params"])``
+  and ``v["params"]`` are the serving params.
 * ``SERVE``: runs from those params only.
 
 The statistics follow optax's style: :func:`act_stats_init` / :func:`act_stats_update` are pure
@@ -20,6 +22,7 @@ functions on the :class:`ActStats` NamedTuple.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
@@ -164,19 +167,10 @@ def calibrate(
       >>> stats = calibrate(model, params, [tokens[:8], tokens[8:]])  # doctest: +SKIP
     """
     cal = model.clone(mode=QuantMode.CALIBRATE)
-
-    @jax.jit
-    def step(stats, args):
-        variables = {"params": params}
-        if stats is not None:
-            variables[STATS_COLLECTION] = stats
-        _, new = cal.apply(variables, *args, mutable=[STATS_COLLECTION])
-        return new[STATS_COLLECTION]
-
     stats = quant_stats
     n = 0
     for batch in batches:
-        stats = step(stats, batch if isinstance(batch, tuple) else (batch,))
+        stats = _calibrate_step(cal, params, stats, batch if isinstance(batch, tuple) else (batch,))
         n += 1
     if n == 0:
         raise ValueError("calibrate got no batches; pass at least one input batch.")
@@ -216,10 +210,21 @@ def convert(model: nn.Module, params: Any, *example_args: Any, quant_stats: Any 
     variables = {"params": params}
     if quant_stats is not None:
         variables[STATS_COLLECTION] = quant_stats
+    return _convert_apply(conv, variables, tuple(example_args))
 
-    @jax.jit
-    def run(variables, args):
-        _, new = conv.apply(variables, *args, mutable=["params"])
-        return new["params"]
 
-    return run(variables, example_args)
+# Module-level jits with the module static: repeated calls on an equal model reuse the
+# compilation, and params are arguments (never constants baked into the program).
+@functools.partial(jax.jit, static_argnums=0)
+def _calibrate_step(model, params, stats, args):
+    variables = {"params": params}
+    if stats is not None:
+        variables[STATS_COLLECTION] = stats
+    _, new = model.apply(variables, *args, mutable=[STATS_COLLECTION])
+    return new[STATS_COLLECTION]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _convert_apply(model, variables, args):
+    _, new = model.apply(variables, *args, mutable=["params"])
+    return new["params"]

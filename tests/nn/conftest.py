@@ -1,27 +1,20 @@
-"""Shared tiny-model params: initialised once per session (init is the slow part on CPU)."""
+"""Shared tiny-model params, built once per session."""
 
 import dataclasses
 
-import jax
-import jax.numpy as jnp
 import pytest
 
-from jaxquant.nn import Transformer, TransformerConfig
+from jaxquant.nn import TransformerConfig
+from tests.nn.helpers import random_params
 
 TINY = TransformerConfig.tiny()
 
 
-def init_params(cfg, key=1):
-    # Quantization rules don't change the float param tree, so one init serves every config.
-    tokens = jnp.zeros((1, 8), jnp.int32)
-    return jax.jit(Transformer(cfg).init)(jax.random.key(key), tokens)["params"]
-
-
 @pytest.fixture(scope="session")
 def tiny_params():
-    return init_params(TINY)
+    return random_params(TINY)
 
 
 @pytest.fixture(scope="session")
 def untied_params():
-    return init_params(dataclasses.replace(TINY, tie_embeddings=False))
+    return random_params(dataclasses.replace(TINY, tie_embeddings=False))

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant.nn import Transformer
+
 EPS32 = float(np.finfo(np.float32).eps)
 
 
@@ -27,3 +29,20 @@ def reassociation_tol(cfg, logits):
     eps = float(jnp.finfo(cfg.compute_dtype).eps)
     n_products = 7 * cfg.n_layers + 1
     return 4 * eps * n_products * float(jnp.max(jnp.abs(logits)))
+
+
+def random_params(cfg, seed=1):
+    """Params of ``Transformer(cfg)`` drawn with numpy: normal(0, init_std) matrices and unit norm
+    scales, like ``init`` but without compiling a jitted init (the slow part on CPU). The tree
+    comes from ``jax.eval_shape(init)``, so it is exactly the model's. Quantization rules don't
+    change the float tree, so one draw serves every quantized variant of a config."""
+    model = Transformer(cfg)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    rng = np.random.default_rng(seed)
+
+    def draw(s):
+        if len(s.shape) == 1:  # RMSNorm scales
+            return jnp.ones(s.shape, s.dtype)
+        return jnp.asarray(rng.normal(0.0, cfg.init_std, s.shape), s.dtype)
+
+    return jax.tree.map(draw, shapes)

@@ -130,17 +130,30 @@ def test_generate_greedy_and_sampling(tiny_params):
     full = full_forward(model, params, out)
     np.testing.assert_array_equal(out[:, 4:], jnp.argmax(full[:, 3:-1], -1))
     np.testing.assert_allclose(logits, full[:, 3:-1], rtol=0, atol=reassociation_tol(TINY, full))
-    key = jax.random.key(7)
-    a = jqn.generate(model, params, prompt, 5, temperature=1.0, key=key)
-    b = jqn.generate(model, params, prompt, 5, temperature=1.0, key=key)
-    np.testing.assert_array_equal(a, b)
-    assert bool(jnp.all((a >= 0) & (a < TINY.vocab_size)))
-    top1 = jqn.generate(model, params, prompt, 5, temperature=0.7, top_k=1, key=key)
+    # The sampling path with top_k=1 must reproduce greedy decoding.
+    top1 = jqn.generate(model, params, prompt, 5, temperature=0.7, top_k=1, key=jax.random.key(7))
     np.testing.assert_array_equal(top1, out)
     with pytest.raises(ValueError, match="key"):
         jqn.generate(model, params, prompt, 2, temperature=1.0)
     with pytest.raises(ValueError, match="max_len"):
         jqn.generate(model, params, prompt, 5, max_len=6)
+
+
+def test_sample_follows_the_tempered_softmax():
+    logits = jnp.log(jnp.array([[0.1, 0.2, 0.3, 0.4]]))
+    n, temp = 4000, 2.0
+    keys = jax.random.split(jax.random.key(0), n)
+    draws = jax.vmap(lambda k: jqn.sample(logits, k, temp))(keys)[:, 0]
+    p = np.asarray(jax.nn.softmax(logits[0] / temp))
+    freq = np.bincount(np.asarray(draws), minlength=4) / n
+    # Each frequency is within 4 binomial standard deviations of its probability.
+    assert np.all(np.abs(freq - p) <= 4 * np.sqrt(p * (1 - p) / n)), (freq, p)
+    np.testing.assert_array_equal(
+        jqn.sample(logits, keys[0], temp), jqn.sample(logits, keys[0], temp)
+    )
+    top2 = jax.vmap(lambda k: jqn.sample(logits, k, temp, top_k=2))(keys[:200])
+    assert set(np.asarray(top2).ravel().tolist()) == {2, 3}
+    np.testing.assert_array_equal(jqn.sample(logits), [3])
 
 
 def test_kv_cache_bytes_formula():

@@ -96,6 +96,13 @@ def test_calibrate_and_static_activation():
     np.testing.assert_allclose(y, ref, rtol=0, atol=16 * EPS32 * float(jnp.max(jnp.abs(ref))))
 
 
+def test_static_activation_needs_activation_quantization():
+    with pytest.raises(ValueError, match="lhs"):
+        QDense(4, config=weight_only("int8"), static_activation="absmax").init(jax.random.key(0), X)
+    with pytest.raises(ValueError, match="static_activation"):
+        QDense(4, config=w8a8(), static_activation="max").init(jax.random.key(0), X)
+
+
 def test_serve_w8a8_is_integer_dot():
     layer = QDense(12, config=w8a8())
     params = layer.init(jax.random.key(0), X)["params"]

@@ -18,6 +18,7 @@ from jaxquant.train import (
     make_train_step,
     next_token_loss,
 )
+from tests.nn.helpers import random_params
 
 TINY = TransformerConfig.tiny(n_layers=1)  # one block: QAT compiles are the slow part
 # A learnable batch: a repeating byte pattern, so a few steps visibly reduce the loss.
@@ -26,7 +27,7 @@ TOKENS = jnp.tile(jnp.arange(16, dtype=jnp.int32) * 7 % 256, (4, 2))
 
 @pytest.fixture(scope="module")
 def init_params():
-    return jax.jit(Transformer(TINY).init)(jax.random.key(0), TOKENS)["params"]
+    return random_params(TINY)
 
 
 @pytest.mark.parametrize(
@@ -46,16 +47,18 @@ def test_qat_steps_lower_the_loss(name, qcfg, init_params):
     # Starts near log(256) (uniform); must drop clearly, not by noise.
     assert losses[0] == pytest.approx(np.log(256), abs=0.1)
     assert losses[-1] < losses[0] - 0.5, losses
-    if name == "w8a8":  # the trained QAT params convert, and SERVE reproduces the QAT forward
+    if name == "w8a8":  # the trained QAT params convert, and SERVE reproduces the QAT loss
         sp = convert(model, state.params)
         serve = Transformer(model.cfg, mode=QuantMode.SERVE)
-        y = jax.jit(serve.apply)({"params": sp}, TOKENS)
-        loss, _ = next_token_loss(y, TOKENS)
-        final, _ = make_eval_step(model)(state.params, TOKENS)
-        np.testing.assert_allclose(loss, final, rtol=1e-5)
+        loss, _ = next_token_loss(jax.jit(serve.apply)({"params": sp}, TOKENS), TOKENS)
+        _, metrics = step(state, TOKENS)  # the QAT loss of the current params
+        np.testing.assert_allclose(loss, metrics["loss"], rtol=1e-5)
 
 
-def test_next_token_loss_matches_optax():
+def test_eval_step_and_loss_match_optax(init_params):
+    loss, n = make_eval_step(Transformer(TINY))(init_params, TOKENS)
+    assert float(n) == TOKENS.shape[0] * (TOKENS.shape[1] - 1) and np.isfinite(float(loss))
+
     logits = jax.random.normal(jax.random.key(1), (2, 5, 11))
     tokens = jax.random.randint(jax.random.key(2), (2, 5), 0, 11)
     loss, n = next_token_loss(logits, tokens)
