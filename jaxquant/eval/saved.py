@@ -22,7 +22,7 @@ from jaxquant.ptq.pipeline import serving_config
 from jaxquant.ptq.recipe import parse_recipe
 
 SIDECAR = "jaxquant.json"
-_SKIP = ("quant_rules", "attn_config")
+_SKIP = ("quant_rules", "attn_qk_config", "attn_pv_config")
 
 
 def save_quantized(out: str | os.PathLike, serve_cfg: TransformerConfig, params: Any,
