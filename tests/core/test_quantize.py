@@ -383,23 +383,25 @@ def test_method_dequantize_equals_function(qtype, symmetric):
         jq.dequantize(x)
 
 
+_NBYTES_CASES = [
+    ("int8", 8, dict(channel_axes=(1,))),
+    ("fp8_e4m3", 8, dict(channel_axes=(1,))),
+    ("int4", 4, dict(channel_axes=(1,))),
+    ("int4", 4, dict(channel_axes=(1,), group_size=128)),
+    ("int3", 4, dict(channel_axes=(1,), group_size=64)),  # int3 rides in a nibble
+    ("nf4", 4, dict(channel_axes=(1,), group_size=64)),
+    ("int2", 2, dict(channel_axes=(1,))),
+    ("int2", 2, dict(channel_axes=(1,), group_size=128)),
+]
+
+
+# Asymmetric (zero-point) storage exists only for int formats.
 @pytest.mark.parametrize(
-    ("qtype", "code_bits", "kw"),
-    [
-        ("int8", 8, dict(channel_axes=(1,))),
-        ("fp8_e4m3", 8, dict(channel_axes=(1,))),
-        ("int4", 4, dict(channel_axes=(1,))),
-        ("int4", 4, dict(channel_axes=(1,), group_size=128)),
-        ("int3", 4, dict(channel_axes=(1,), group_size=64)),  # int3 rides in a nibble
-        ("nf4", 4, dict(channel_axes=(1,), group_size=64)),
-        ("int2", 2, dict(channel_axes=(1,))),
-        ("int2", 2, dict(channel_axes=(1,), group_size=128)),
-    ],
+    ("qtype", "code_bits", "kw", "symmetric"),
+    [(*c, True) for c in _NBYTES_CASES]
+    + [(*c, False) for c in _NBYTES_CASES if c[0].startswith("int")],
 )
-@pytest.mark.parametrize("symmetric", [True, False])
 def test_nbytes_is_true_storage(qtype, code_bits, kw, symmetric):
-    if not symmetric and jq.get_qtype(qtype).kind != "int":
-        pytest.skip("asymmetric needs an int format")
     rows, cols = 256, 6
     spec = jq.QuantSpec(qtype=qtype, symmetric=symmetric, **kw)
     # Storage depends on shapes and dtypes only: trace quantize instead of running it.
