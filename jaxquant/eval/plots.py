@@ -13,13 +13,18 @@ def plot_ppl_vs_size(rows, path, *, title: str = "") -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    seen: dict[float, int] = {}
     for r in rows:
         mb = r["model_bytes"] / 1e6
+        k = seen.get(round(mb), 0)  # recipes of equal size: stagger their labels
+        seen[round(mb)] = k + 1
         ax.scatter(mb, r["perplexity"], s=30)
-        ax.annotate(r["recipe"], (mb, r["perplexity"]), textcoords="offset points",
-                    xytext=(4, 4), fontsize=8)
+        ax.annotate(f"{r['recipe']} ({r['perplexity']:.1f})", (mb, r["perplexity"]),
+                    textcoords="offset points", xytext=(6, -4 + 11 * (k % 2) - 3 * k),
+                    fontsize=7)
     ax.set_xlabel("model size (MB, codes + scales + float embeddings)")
-    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_yscale("log")
+    ax.set_ylabel("perplexity, log scale (lower is better)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
