@@ -232,8 +232,10 @@ def run(
             }
         result["shapes"].append(entry)
         if progress:
-            print(f"  {m}x{k}x{n}: " + ", ".join(f"{nm} {t:.1f} ms" for nm, t in med.items()),
-                  flush=True)
+            print(
+                f"  {m}x{k}x{n}: " + ", ".join(f"{nm} {t:.1f} ms" for nm, t in med.items()),
+                flush=True,
+            )
         del built, x, w
     result["load_average_after"] = _loadavg()
     return result
@@ -271,7 +273,9 @@ def markdown_table(result: dict) -> str:
 def write(result: dict, path: Path | str | None = None) -> Path:
     """Writes the JSON; by default ``results/bench_dot_general-<device>[-quick].json``."""
     suffix = "-quick" if result.get("quick") else ""
-    path = Path(path) if path else RESULTS_DIR / f"bench_dot_general-{result['device']}{suffix}.json"
+    path = (
+        Path(path) if path else RESULTS_DIR / f"bench_dot_general-{result['device']}{suffix}.json"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
@@ -294,8 +298,13 @@ def main(argv=None) -> dict:
     p.add_argument("--ops", nargs="*", default=None, help=f"subset of {list(OPS)}")
     p.add_argument("--shapes", nargs="*", default=None, help="MxKxN triples, e.g. 2048x2048x2048")
     p.add_argument("--out", default=None, help="JSON path (default results/<name>-<device>.json)")
-    p.add_argument("--wait-quiet", type=float, default=None, metavar="LOAD",
-                   help="first wait (up to 10 min) for the 1-min load average to drop below LOAD")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=None,
+        metavar="LOAD",
+        help="first wait (up to 10 min) for the 1-min load average to drop below LOAD",
+    )
     args = p.parse_args(argv)
     if args.shapes:
         shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]

@@ -209,8 +209,12 @@ def test_matches_reference_and_error_bound(name):
 def test_eager_equals_jit(name):
     cfg = CONFIGS[name]
     x, w = rand(0, (16, 128), 2.0, axis=0), rand(1, (128, 24), 2.0, axis=1)
-    assert_within(jq.dot_general(x, w, MM, config=cfg), qdot(cfg, x, w), analyze(cfg, x, w).tol,
-                  f"{name} eager vs jit")
+    assert_within(
+        jq.dot_general(x, w, MM, config=cfg),
+        qdot(cfg, x, w),
+        analyze(cfg, x, w).tol,
+        f"{name} eager vs jit",
+    )
 
 
 def test_operand_scale_layout():
@@ -278,9 +282,7 @@ def test_grouped_int8_x_int4_runs_on_int8_codes():
 def test_fp8_jaxpr_has_float8_dot():
     x, w = rand(0, (16, 64)), rand(1, (64, 8))
     dots = dot_eqns(jax.jit(lambda a, b: jq.dot_general(a, b, MM, config=jq.fp8())), x, w)
-    assert dots and all(
-        d[0] == jnp.float8_e4m3fn and d[1] == jnp.float8_e4m3fn for d in dots
-    ), dots
+    assert dots and all(d[0] == jnp.float8_e4m3fn and d[1] == jnp.float8_e4m3fn for d in dots), dots
 
 
 @pytest.mark.parametrize("name", ["wo_int8", "wo_int4_g32", "wo_nf4_g64"])
@@ -305,16 +307,18 @@ def test_asymmetric_operands_fall_back_to_float():
 # --- serving: pre-quantized operands ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["w8a8", "wo_int4_g32", "wo_nf4_g64", "wo_int4_g32_asym",
-                                  "fp8", "grouped_int8_x_int4"])
+@pytest.mark.parametrize(
+    "name", ["w8a8", "wo_int4_g32", "wo_nf4_g64", "wo_int4_g32_asym", "fp8", "grouped_int8_x_int4"]
+)
 def test_serving_qarray_rhs_equals_float_rhs(name):
     cfg = CONFIGS[name]
     x, w = rand(0, (16, 128), 2.0, axis=0), rand(1, (128, 24), 2.0, axis=1)
     wq = jq.quantize_operand(w, cfg.rhs, (0,))
     if cfg.rhs.bits <= 4:
         assert wq.pack_axis is not None and wq.nbytes < w.size  # really packed
-    assert_within(qdot(cfg, x, wq), qdot(cfg, x, w), analyze(cfg, x, w).tol,
-                  f"{name} served vs float")
+    assert_within(
+        qdot(cfg, x, wq), qdot(cfg, x, w), analyze(cfg, x, w).tol, f"{name} served vs float"
+    )
 
 
 def test_serving_w8a8_stays_integer():
@@ -367,8 +371,10 @@ DN_CASES = {
 
 
 DN_PAIRS = [(case, "w8a8") for case in DN_CASES] + [
-    ("batched_bmk_bkn", "wo_int8"), ("two_contracting", "wo_int8"),
-    ("batch_in_middle", "fp8"), ("two_batch_two_free", "fp8"),
+    ("batched_bmk_bkn", "wo_int8"),
+    ("two_contracting", "wo_int8"),
+    ("batch_in_middle", "fp8"),
+    ("two_batch_two_free", "fp8"),
 ]
 
 

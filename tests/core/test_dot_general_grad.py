@@ -41,8 +41,9 @@ def vjp_of(cfg, x, w, g, dn=MM):
 
 def ste_grads(xhat, what, g, dn):
     """Gradients of the float product of fixed (dequantized) operands."""
-    _, pull = jax.vjp(lambda a, b: lax.dot_general(a, b, dn, precision=lax.Precision.HIGHEST),
-                      xhat, what)
+    _, pull = jax.vjp(
+        lambda a, b: lax.dot_general(a, b, dn, precision=lax.Precision.HIGHEST), xhat, what
+    )
     return pull(g)
 
 
@@ -53,12 +54,18 @@ def _out_shape(x, w, dn):
 # --- float backward: straight-through ---------------------------------------------------------
 
 STE_CASES = [
-    ("w8a8", MM), ("wo_int8", MM), ("wo_int4_g32", MM),
-    ("w8a8", DN_CASES["batched_bmk_bkn"][2]), ("w8a8", DN_CASES["two_batch_two_free"][2]),
+    ("w8a8", MM),
+    ("wo_int8", MM),
+    ("wo_int4_g32", MM),
+    ("w8a8", DN_CASES["batched_bmk_bkn"][2]),
+    ("w8a8", DN_CASES["two_batch_two_free"][2]),
     ("w8a8", DN_CASES["two_contracting"][2]),
 ]
-_CFGS = {"w8a8": jq.w8a8(), "wo_int8": jq.weight_only("int8"),
-         "wo_int4_g32": jq.weight_only("int4", group_size=32)}
+_CFGS = {
+    "w8a8": jq.w8a8(),
+    "wo_int8": jq.weight_only("int8"),
+    "wo_int4_g32": jq.weight_only("int4", group_size=32),
+}
 
 
 def grad_tol(xhat, what, g, dn):
@@ -71,8 +78,9 @@ def grad_tol(xhat, what, g, dn):
     return c * ax + 1e-30, c * aw + 1e-30
 
 
-@pytest.mark.parametrize("name,dn", STE_CASES, ids=[f"{n}-{i}" for i, (n, _) in
-                                                    enumerate(STE_CASES)])
+@pytest.mark.parametrize(
+    "name,dn", STE_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(STE_CASES)]
+)
 def test_float_backward_is_straight_through(name, dn):
     cfg = _CFGS[name]
     if dn == MM:
@@ -186,10 +194,12 @@ def test_fp8_grads_within_step_bound():
         return 2.0 ** -(fi.nmant + 1) * jnp.abs(v) + s * float(fi.smallest_subnormal) / 2
 
     nt, tn = (((1,), (1,)), ((), ())), (((0,), (0,)), ((), ()))
-    bl = product_error_bound(g, fp8_err(g, jnp.float8_e5m2, 0), what,
-                             fp8_err(what, jnp.float8_e4m3fn, 0), nt)
-    br = product_error_bound(xhat, fp8_err(xhat, jnp.float8_e4m3fn, 1), g,
-                             fp8_err(g, jnp.float8_e5m2, 1), tn)
+    bl = product_error_bound(
+        g, fp8_err(g, jnp.float8_e5m2, 0), what, fp8_err(what, jnp.float8_e4m3fn, 0), nt
+    )
+    br = product_error_bound(
+        xhat, fp8_err(xhat, jnp.float8_e4m3fn, 1), g, fp8_err(g, jnp.float8_e5m2, 1), tn
+    )
     assert_within(dx, dg(g, what, nt), bl, "fp8 d lhs")
     assert_within(dw, dg(xhat, g, tn), br, "fp8 d rhs")
 
@@ -197,8 +207,9 @@ def test_fp8_grads_within_step_bound():
 # --- stochastic rounding ----------------------------------------------------------------------
 
 SR_GRAD = jq.BackwardSpec(grad=jq.QuantSpec(qtype="int8", rounding="stochastic"))
-SR_CFG = jq.DotGeneralConfig(lhs=jq.QuantSpec(qtype="int8"), rhs=jq.QuantSpec(qtype="int8"),
-                             dlhs=SR_GRAD, drhs=SR_GRAD)
+SR_CFG = jq.DotGeneralConfig(
+    lhs=jq.QuantSpec(qtype="int8"), rhs=jq.QuantSpec(qtype="int8"), dlhs=SR_GRAD, drhs=SR_GRAD
+)
 
 
 def test_stochastic_gradient_is_unbiased():
@@ -212,10 +223,12 @@ def test_stochastic_gradient_is_unbiased():
     g = rand(2, (8, 16), 1.0)
     n_seeds = 32
     # Eager: the seed is static config, so a jitted grad would recompile for every seed.
-    dxs = jnp.stack([
-        jax.vjp(lambda a, b, c=c: jq.dot_general(a, b, MM, config=c), x, w)[1](g)[0]
-        for c in (dataclasses.replace(SR_CFG, seed=s) for s in range(n_seeds))
-    ])
+    dxs = jnp.stack(
+        [
+            jax.vjp(lambda a, b, c=c: jq.dot_general(a, b, MM, config=c), x, w)[1](g)[0]
+            for c in (dataclasses.replace(SR_CFG, seed=s) for s in range(n_seeds))
+        ]
+    )
     xhat, _, what, _ = dequantized_operands(SR_CFG, x, w, MM)
     exact, _ = ste_grads(xhat, what, g, MM)
     step = jnp.max(jnp.abs(g), axis=1, keepdims=True) / 127.0  # [M, 1]: g's scale per row
@@ -228,8 +241,7 @@ def test_stochastic_gradient_is_unbiased():
     assert float(jnp.max(jnp.std(dxs, axis=0))) > 0
     assert float(jnp.mean(jnp.abs(mean - exact))) < 0.5 * float(jnp.mean(single))
 
-    nearest = dataclasses.replace(
-        SR_CFG, dlhs=jq.BackwardSpec(grad=jq.QuantSpec(qtype="int8")))
+    nearest = dataclasses.replace(SR_CFG, dlhs=jq.BackwardSpec(grad=jq.QuantSpec(qtype="int8")))
     biased = vjp_of(nearest, x, w, g)[0]
     assert (jnp.abs(biased - exact) > 6 * sigma + slack).any(), "test can't see a bias"
 
