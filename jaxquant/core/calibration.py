@@ -54,12 +54,9 @@ def _reduce_axes(layout: Layout) -> tuple[int, ...]:
     for ax in range(len(layout.shape)):
         if ax in layout.channel_axes:
             continue
-        if a is None or ax < a:
-            axes.append(ax)
-        elif ax == a:
-            axes.append(ax + 1)  # inside a group; the outer (group index) axis keeps its scale
-        else:
-            axes.append(ax + 1)
+        # At and after the grouped axis, the grouped view has one more axis: the group axis
+        # itself becomes (group index, inside group) and only "inside group" is reduced.
+        axes.append(ax if a is None or ax < a else ax + 1)
     return tuple(axes)
 
 

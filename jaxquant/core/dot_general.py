@@ -95,10 +95,8 @@ def quantize_operand(
 
 
 def _float_dtype(*operands):
-    dts = []
-    for o in operands:
-        dts.append(o.dtype if isinstance(o, QArray) else o.dtype)
-    dts = [d for d in dts if jnp.issubdtype(d, jnp.floating)]
+    # A QArray's dtype is the dtype it dequantizes to.
+    dts = [o.dtype for o in operands if jnp.issubdtype(o.dtype, jnp.floating)]
     return jnp.result_type(*dts) if dts else jnp.float32
 
 

@@ -21,19 +21,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant.core import calibration
-from jaxquant.core.dot_general import operand_spec
+from jaxquant.core.dot_general import operand_spec, quantize_operand
 from jaxquant.core.qarray import QArray, quantize
 from jaxquant.core.spec import QuantSpec, resolve_layout
 
 
 def fake_quant_kernel(w: jax.Array, spec: QuantSpec) -> jax.Array:
     """RTN quantize-dequantize of a kernel ``[d_in, d_out]`` as ``dot_general`` would."""
-    full = operand_spec(spec, 2, (0,))
-    layout = resolve_layout(full, w.shape)
-    lo, hi = calibration.calibrate(w, full, layout)
-    scale, zp = calibration.compute_scale(lo, hi, full)
-    q = calibration.quantize_codes(w, scale, zp, full, layout)
-    return calibration.dequantize_codes(q, scale, zp, full.qtype, layout, dtype=w.dtype)
+    return quantize_operand(w, spec, (0,), pack=False).dequantize()
 
 
 def search_scale(
