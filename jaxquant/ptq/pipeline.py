@@ -61,12 +61,28 @@ class PTQOptions:
       awq_grid: AWQ's number of ``alpha`` values.
       awq_tokens: calibration tokens kept per input site for the AWQ searches.
       batch_windows: calibration windows per jitted block call.
+      smooth_sites: the input sites SmoothQuant smooths (``down_in`` folds into ``up_proj``).
+      true_sequential: GPTQ quantizes a block's linears in execution order (q/k/v, o,
+        gate/up, down), each on inputs recomputed with the linears before it quantized.
+      smooth_search: pick SmoothQuant's ``alpha`` per site from
+        :data:`~jaxquant.ptq.smoothquant.ALPHA_GRID` by the W8A8 output error (False: the
+        recipe's ``alpha`` everywhere).
     """
 
     gptq: GPTQConfig = GPTQConfig()
     awq_grid: int = 20
     awq_tokens: int = 4096
     batch_windows: int = 8
+    smooth_sites: tuple[str, ...] = ("attn_in", "mlp_in", "down_in")
+    smooth_search: bool = True
+    true_sequential: bool = True
+
+    def __post_init__(self):
+        allowed = ("attn_in", "mlp_in", "down_in")
+        if bad := [s for s in self.smooth_sites if s not in allowed]:
+            raise ValueError(f"smooth_sites must be among {allowed}; got {bad}.")
+        if self.awq_grid < 1 or self.awq_tokens < 1 or self.batch_windows < 1:
+            raise ValueError("awq_grid, awq_tokens and batch_windows must be positive.")
 
 
 def effective_group(d_in: int, group: int | None) -> int | None:
@@ -142,70 +158,99 @@ def _batches(n: int, size: int):
     return [(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _quantize_block(bp, stats, samples, recipe: Recipe, cfg: TransformerConfig, opts: PTQOptions):
-    """Quantizes one block's float params; returns its serving params."""
-    base_spec = recipe.dot_config.rhs
+def _kernels(bp) -> dict:
+    return {lin: bp[SITES[site][0]][lin]["kernel"] for lin, site in _SITE_OF.items()}
+
+
+def _fold_block(bp, stats, samples, recipe: Recipe, cfg: TransformerConfig, opts: PTQOptions):
+    """SmoothQuant / AWQ scale search and folding. Returns ``(folded float params, scales)``:
+    the folded block computes the same function in float; ``scales[site]`` divides the
+    inputs of that site's linears."""
     bp = jax.tree.map(jnp.asarray, bp)
-
-    def spec_for(kernel):
-        return dataclasses.replace(
-            base_spec, group_size=effective_group(kernel.shape[0], base_spec.group_size))
-
-    kern = {lin: bp[mod][lin]["kernel"] for lin, (mod, _) in
-            ((lin, SITES[_SITE_OF[lin]]) for lin in _SITE_OF)}
+    kern = _kernels(bp)
     scales = {}
     method = recipe.method
     if method == "smoothquant":
-        for site in ("attn_in", "mlp_in"):
-            lins = SITES[site][1]
+        for site in opts.smooth_sites:
+            ks = [kern[x] for x in SITES[site][1]]
             # The captured input is the norm's output, so its max already includes the norm scale.
-            scales[site] = smoothquant.smooth_scales(
-                stats[site].abs_max, [kern[x] for x in lins], recipe.alpha)
+            if opts.smooth_search:
+                scales[site], _ = smoothquant.search_alpha(samples[site], ks, stats[site].abs_max)
+            else:
+                scales[site] = smoothquant.smooth_scales(stats[site].abs_max, ks, recipe.alpha)
     if method in ("awq", "awq+gptq"):
         for site in ("attn_in", "mlp_in", "down_in", "o_in"):
             lins = SITES[site][1]
             if site == "o_in" and cfg.n_heads != cfg.n_kv_heads:
                 continue  # v_proj's outputs are shared by several heads under GQA: no fold
-            x = samples[site]
             block_fn = None
             if site == "mlp_in":
                 down = kern["down_proj"]
 
                 def block_fn(ks, xx, down=down):
                     return (jax.nn.silu(xx @ ks[0]) * (xx @ ks[1])) @ down
-            wspec = spec_for(kern[lins[0]])
-            s, _ = awq.search_scale(x, [kern[x_] for x_ in lins], wspec, n_grid=opts.awq_grid,
-                                    block_fn=block_fn)
-            scales[site] = s
-    # Fold the scales: the float block computes the same function afterwards.
+            wspec = _weight_spec(recipe, kern[lins[0]].shape[0])
+            scales[site], _ = awq.search_scale(samples[site], [kern[x_] for x_ in lins], wspec,
+                                               n_grid=opts.awq_grid, block_fn=block_fn)
     for site, s in scales.items():
         lins = SITES[site][1]
         if site in ("attn_in", "mlp_in"):
             norm = "attn_norm" if site == "attn_in" else "mlp_norm"
-            g, ks = folding.fold_into_norm(bp[norm]["scale"], [kern[x] for x in lins], s)
-            bp[norm]["scale"] = g
+            bp[norm]["scale"], ks = folding.fold_into_norm(
+                bp[norm]["scale"], [kern[x] for x in lins], s)
         else:
             prev = "up_proj" if site == "down_in" else "v_proj"
-            p, ks = folding.fold_into_linear(kern[prev], [kern[x] for x in lins], s)
-            kern[prev] = p
+            kern[prev], ks = folding.fold_into_linear(kern[prev], [kern[x] for x in lins], s)
         for lin, k in zip(lins, ks, strict=True):
             kern[lin] = k
+    for lin, site in _SITE_OF.items():
+        bp[SITES[site][0]][lin]["kernel"] = kern[lin]
+    return bp, scales
+
+
+def _weight_spec(recipe: Recipe, d_in: int):
+    base = recipe.dot_config.rhs
+    return dataclasses.replace(base, group_size=effective_group(d_in, base.group_size))
+
+
+def _quantize_linears(bp, stats, samples, scales, recipe: Recipe, opts: PTQOptions):
+    """Quantizes the (folded) block's seven linears from the float block's input statistics;
+    returns serving params."""
     out = jax.tree.map(lambda a: a, bp)
-    for lin, (mod, _) in ((lin, SITES[_SITE_OF[lin]]) for lin in _SITE_OF):
+    for lin, k in _kernels(bp).items():
         site = _SITE_OF[lin]
-        spec = spec_for(kern[lin])
+        spec = _weight_spec(recipe, k.shape[0])
         inv = 1.0 / scales[site] if site in scales else None
-        if method in ("gptq", "awq+gptq"):
+        if recipe.method in ("gptq", "awq+gptq"):
             h = hessian(stats[site])
             if inv is not None:  # inputs of the folded layer are x / s
                 h = h * inv[:, None] * inv[None, :]
-            q, _ = gptq_quantize(kern[lin], h, spec, opts.gptq)
-        elif method == "awq" and lin not in ("q_proj", "k_proj"):  # AWQ skips clipping q/k
+            q, _ = gptq_quantize(k, h, spec, opts.gptq)
+        elif recipe.method == "awq" and lin not in ("q_proj", "k_proj"):  # AWQ skips q/k clips
             x = samples[site] if inv is None else samples[site] * inv
-            q = awq.clip_quantize(x, kern[lin], spec)
+            q = awq.clip_quantize(x, k, spec)
         else:
-            q = quantize_operand(kern[lin], spec, (0,))
-        out[mod][lin]["kernel"] = q
+            q = quantize_operand(k, spec, (0,))
+        out[SITES[site][0]][lin]["kernel"] = q
+    return out
+
+
+def _gptq_sequential(bp, h, positions, capture, recipe: Recipe, opts: PTQOptions, batches):
+    """GPTQ's "true sequential" order inside a block: q/k/v, then o, then gate/up, then down,
+    each calibrated on inputs recomputed with the block's already-quantized linears."""
+    cur = jax.tree.map(lambda a: a, bp)
+    out = jax.tree.map(lambda a: a, bp)
+    for site, (mod, lins) in SITES.items():
+        st = None
+        for a, b in batches:
+            x = capture(cur, h[a:b], positions[a:b])[1][site]
+            st = stats_update(st if st is not None else stats_init(x.shape[-1]), x)
+        hess = hessian(st)
+        for lin in lins:
+            k = cur[mod][lin]["kernel"]
+            q, _ = gptq_quantize(k, hess, _weight_spec(recipe, k.shape[0]), opts.gptq)
+            out[mod][lin]["kernel"] = q
+            cur[mod][lin]["kernel"] = q.dequantize().astype(k.dtype)
     return out
 
 
@@ -248,8 +293,12 @@ def quantize_model(
     capture, serve = _make_capture(cfg), _make_serve(bcfg)
     h = jnp.asarray(params["embed"]["embedding"])[calib].astype(cfg.compute_dtype)
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (n, length))
-    need_h = recipe.method in ("gptq", "awq+gptq")
-    keep = recipe.method in ("awq", "awq+gptq")
+    gptq = recipe.method in ("gptq", "awq+gptq")
+    sequential = gptq and options.true_sequential
+    need_h = gptq and not sequential
+    keep = recipe.method in ("awq", "awq+gptq") or (
+        recipe.method == "smoothquant" and options.smooth_search)
+    batches = _batches(n, options.batch_windows)
     stride = max(1, (n * length) // options.awq_tokens)
     out_params = {k: v for k, v in params.items() if not k.startswith("block_")}
     bar = tqdm(range(cfg.n_layers), desc=f"{recipe.name} blocks", disable=not progress)
@@ -257,7 +306,8 @@ def quantize_model(
         bp = params[f"block_{i}"]
         stats: dict[str, InputStats] = {}
         samples: dict[str, list] = {site: [] for site in SITES}
-        for a, b in _batches(n, options.batch_windows):
+        # Plain sequential GPTQ needs no float pass: it captures stage by stage.
+        for a, b in batches if (need_h or keep or recipe.method == "smoothquant") else ():
             _, sites = capture(bp, h[a:b], positions[a:b])
             for site, x in sites.items():
                 if site not in stats:
@@ -266,8 +316,11 @@ def quantize_model(
                 if keep:
                     samples[site].append(x.reshape(-1, x.shape[-1])[::stride])
         samples = {s: jnp.concatenate(v)[: options.awq_tokens] for s, v in samples.items() if v}
-        qbp = _quantize_block(bp, stats, samples, recipe, cfg, options)
-        h = jnp.concatenate([serve(qbp, h[a:b], positions[a:b])
-                             for a, b in _batches(n, options.batch_windows)])
+        bp, scales = _fold_block(bp, stats, samples, recipe, cfg, options)
+        if sequential:
+            qbp = _gptq_sequential(bp, h, positions, capture, recipe, options, batches)
+        else:
+            qbp = _quantize_linears(bp, stats, samples, scales, recipe, options)
+        h = jnp.concatenate([serve(qbp, h[a:b], positions[a:b]) for a, b in batches])
         out_params[f"block_{i}"] = qbp
     return serve_cfg, out_params, {"seconds": time.perf_counter() - t0}

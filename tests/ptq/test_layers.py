@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxquant as jq
 from jaxquant.core import QArray, QuantSpec, quantize_operand
 from jaxquant.ptq import awq, folding, smoothquant
 from jaxquant.ptq.gptq import GPTQConfig, gptq_quantize
@@ -99,6 +100,23 @@ def test_smoothquant_folding_is_exact_in_float():
     # The smoothed activation's channel ranges are flatter.
     spread = lambda v: float(jnp.max(jnp.abs(v), 0).max() / jnp.max(jnp.abs(v), 0).min())
     assert spread(x * g2) < spread(x * g)
+
+
+def test_smoothquant_alpha_search_beats_no_smoothing_and_the_fixed_alpha():
+    x, w = _correlated()
+    x = x.at[:, 3].multiply(40.0)  # an outlier channel, as in LLM activations
+    amax = jnp.max(jnp.abs(x), 0)
+    s, info = smoothquant.search_alpha(x, [w], amax)
+    assert info["alpha"] in smoothquant.ALPHA_GRID
+    half = smoothquant.smooth_scales(amax, [w], 0.5)
+    err = lambda sc: float(jnp.mean(
+        (smoothquant.w8a8_output(x / sc, w * sc[:, None], jq.w8a8()) - x @ w) ** 2))
+    np.testing.assert_allclose(err(s), info["loss"], rtol=1e-3)
+    assert err(s) <= err(half) * (1 + 1e-6)
+    assert info["loss"] < 0.5 * info["loss_unsmoothed"]
+    # The fold it feeds is exact in float, so only the quantization error changed.
+    np.testing.assert_allclose((x / s) @ (w * s[:, None]), x @ w, rtol=1e-4,
+                               atol=1e-4 * float(jnp.abs(x @ w).max()))
 
 
 def test_fold_into_linear_is_exact_for_swiglu():

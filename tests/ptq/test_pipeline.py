@@ -7,7 +7,7 @@ import pytest
 
 from jaxquant.core import QArray
 from jaxquant.nn import QuantMode, Transformer, TransformerConfig
-from jaxquant.ptq.pipeline import effective_group, quantize_model
+from jaxquant.ptq.pipeline import PTQOptions, effective_group, quantize_model
 from jaxquant.ptq.recipe import parse_recipe
 
 
@@ -52,6 +52,22 @@ def test_gptq_model_error_below_rtn(tiny):
     _, e_rtn, _ = _run(tiny, "rtn:int3:g32")
     _, e_gptq, _ = _run(tiny, "gptq:int3:g32")
     assert e_gptq < e_rtn
+
+
+def test_true_sequential_recalibrates_only_the_later_linears(tiny):
+    cfg, params, tokens, _ = tiny
+    recipe = parse_recipe("gptq:int3:g32")
+    _, seq, _ = quantize_model(cfg, params, recipe, tokens, progress=False,
+                               options=PTQOptions(true_sequential=True))
+    _, one, _ = quantize_model(cfg, params, recipe, tokens, progress=False,
+                               options=PTQOptions(true_sequential=False))
+    codes = lambda sp, mod, lin: np.asarray(sp["block_0"][mod][lin]["kernel"].qvalue)
+    # q/k/v see the same float block inputs either way ...
+    for lin in ("q_proj", "k_proj", "v_proj"):
+        np.testing.assert_array_equal(codes(seq, "attn", lin), codes(one, "attn", lin))
+    # ... while o_proj and the MLP are calibrated on inputs of the quantized q/k/v.
+    assert (codes(seq, "attn", "o_proj") != codes(one, "attn", "o_proj")).any()
+    assert (codes(seq, "mlp", "down_proj") != codes(one, "mlp", "down_proj")).any()
 
 
 def test_smoothquant_w8a8_close_to_float(tiny):
