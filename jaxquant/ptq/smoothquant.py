@@ -56,8 +56,8 @@ def w8a8_output(x: jax.Array, kernel: jax.Array, config: DotGeneralConfig) -> ja
 
 
 @jax.jit
-def _smoothed_error(x, kernels, act_absmax, alpha):
-    s = smooth_scales(act_absmax, kernels, alpha)
+def _w8a8_error(x, kernels, s):
+    """Summed output MSE of the smoothed W8A8 linears against float."""
     cfg = w8a8()
     err = 0.0
     for k in kernels:
@@ -86,9 +86,9 @@ def search_alpha(
     """
     x = jnp.asarray(x, jnp.float32)
     kernels = [jnp.asarray(k, jnp.float32) for k in kernels]
-    losses = [float(_smoothed_error(x, kernels, act_absmax, jnp.float32(a))) for a in alphas]
+    scales = [smooth_scales(act_absmax, kernels, a) for a in alphas]
+    losses = [float(_w8a8_error(x, kernels, s)) for s in scales]
     best = min(range(len(alphas)), key=losses.__getitem__)
-    cfg = w8a8()
-    base = sum(float(jnp.mean((w8a8_output(x, k, cfg) - x @ k) ** 2)) for k in kernels)
+    base = float(_w8a8_error(x, kernels, jnp.ones_like(scales[0])))
     info = {"alpha": alphas[best], "loss": losses[best], "loss_unsmoothed": base}
-    return smooth_scales(act_absmax, kernels, alphas[best]), info
+    return scales[best], info
