@@ -28,10 +28,15 @@ def run(model: str = "smollm2-135m", recipes=RECIPES, *, eval_tokens: int | None
     """Runs the table and writes its JSON and plot; returns the result dict."""
     budget = tasks.DemoBudget(eval_tokens=eval_tokens, calib_windows=calib_windows,
                               calib_len=calib_len)
-    result = tasks.demo_rows(load(model), recipes, budget, seed=seed, progress=progress)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+
+    def write(result):  # after every recipe, so a long run keeps what it measured
+        (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+
+    result = tasks.demo_rows(load(model), recipes, budget, seed=seed, progress=progress,
+                             on_row=write)
+    write(result)
     plot_ppl_vs_size(result["rows"], out / f"{name}.png", title=f"{model} on PTB test")
     return result
 

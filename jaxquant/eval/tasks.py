@@ -9,6 +9,7 @@ import dataclasses
 import datetime
 import platform
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -169,11 +170,20 @@ def demo_rows(
     dataset: str = "ptb",
     seed: int = 0,
     progress: bool = True,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """The demo table: each recipe's bits per weight, size, perplexity, delta and PTQ time."""
+    """The demo table: each recipe's bits per weight, size, perplexity, delta and PTQ time.
+
+    ``on_row(result_so_far)`` is called after each recipe (e.g. to write the JSON as it
+    grows, so a long ``--full`` run keeps what it measured)."""
     test = tokens_for(model, dataset, "test")
     rows = []
     base = None
+
+    def result():
+        add_recovery(rows)
+        return {"model": model.name, "dataset": dataset, "budget": dataclasses.asdict(budget),
+                "seed": seed, "rows": rows, "environment": environment()}
     for text in recipes:
         recipe = parse_recipe(text)
         t0 = time.perf_counter()
@@ -191,18 +201,35 @@ def demo_rows(
             row["delta"] = row["perplexity"] - base
             row["delta_pct"] = 100.0 * (row["perplexity"] / base - 1.0)
         rows.append(row)
-    return {"model": model.name, "dataset": dataset, "budget": dataclasses.asdict(budget),
-            "seed": seed, "rows": rows, "environment": environment()}
+        if on_row is not None:
+            on_row(result())
+    return result()
+
+
+def add_recovery(rows: list[dict[str, Any]]) -> None:
+    """Adds ``recovered``: the fraction of RTN's perplexity loss a calibrated method removes,
+    ``(ppl_rtn - ppl) / (ppl_rtn - ppl_fp32)``, against the RTN row of the same qtype, group
+    size and symmetry (the issue's GPTQ / AWQ goals are stated this way)."""
+    fp32 = next((r["perplexity"] for r in rows if r["recipe"] == "fp32"), None)
+    rtn = {r["recipe"].split(":", 1)[1]: r["perplexity"] for r in rows
+           if r["recipe"].startswith("rtn:")}
+    for r in rows:
+        method, _, rest = r["recipe"].partition(":")
+        if method in ("gptq", "awq", "awq+gptq") and fp32 is not None and rest in rtn:
+            loss = rtn[rest] - fp32
+            if loss > 0:
+                r["recovered"] = (rtn[rest] - r["perplexity"]) / loss
 
 
 def markdown_table(rows) -> str:
     """A human table of demo rows."""
-    head = ("| recipe | bits/weight | size (MB) | perplexity | delta | PTQ time (s) |\n"
-            "|---|---|---|---|---|---|")
+    head = ("| recipe | bits/weight | size (MB) | perplexity | delta | RTN loss removed "
+            "| PTQ time (s) |\n|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         delta = f"{r['delta']:+.3f} ({r['delta_pct']:+.2f}%)" if "delta" in r else "-"
+        rec = f"{100 * r['recovered']:.1f}%" if "recovered" in r else "-"
         lines.append(f"| {r['recipe']} | {r['bits_per_weight']:.2f} | "
-                     f"{r['model_bytes'] / 1e6:.1f} | {r['perplexity']:.3f} | {delta} | "
+                     f"{r['model_bytes'] / 1e6:.1f} | {r['perplexity']:.3f} | {delta} | {rec} | "
                      f"{r['quantize_seconds']:.1f} |")
     return "\n".join(lines)
