@@ -11,6 +11,7 @@ markdown table for ``experiments/RESULTS.md``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -24,21 +25,52 @@ RECIPES = tasks.DEMO_RECIPES + ("awq+gptq:int3:g128",)
 def run(model: str = "smollm2-135m", recipes=RECIPES, *, eval_tokens: int | None = 16384,
         calib_windows: int = 32, calib_len: int = 512, seed: int = 0,
         out_dir: str | Path = "experiments/results", name: str = "ptq_table",
-        progress: bool = True) -> dict:
-    """Runs the table and writes its JSON and plot; returns the result dict."""
+        merge: bool = False, progress: bool = True) -> dict:
+    """Runs the table and writes its JSON and plot; returns the result dict.
+
+    ``merge=True`` re-runs only ``recipes`` and replaces their rows in the existing JSON
+    (which must have the same model, budget and seed); each row keeps the environment
+    (date, versions) of the run that measured it."""
     budget = tasks.DemoBudget(eval_tokens=eval_tokens, calib_windows=calib_windows,
                               calib_len=calib_len)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    loaded = load(model)
+    old = json.loads(path.read_text()) if merge else None
+    if old is not None and (old["model"] != loaded.name or old["seed"] != seed
+                            or old["budget"] != dataclasses.asdict(budget)):
+        raise ValueError(f"--merge needs the settings of {path}: model {old['model']}, "
+                         f"seed {old['seed']}, budget {old['budget']}.")
 
     def write(result):  # after every recipe, so a long run keeps what it measured
-        (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+        if old is not None:
+            result = _merged(old, result)
+        path.write_text(json.dumps(result, indent=2))
 
-    result = tasks.demo_rows(load(model), recipes, budget, seed=seed, progress=progress,
+    result = tasks.demo_rows(loaded, recipes, budget, seed=seed, progress=progress,
                              on_row=write)
     write(result)
+    result = json.loads(path.read_text())
     plot_ppl_vs_size(result["rows"], out / f"{name}.png", title=f"{model} on PTB test")
     return result
+
+
+def _merged(old: dict, new: dict) -> dict:
+    """``old``'s rows with those of ``new`` replaced (or appended), deltas recomputed."""
+    env = new["environment"]
+    fresh = {r["recipe"]: {**r, "environment": env} for r in new["rows"]}
+    rows = [fresh.pop(r["recipe"], r) for r in old["rows"]] + list(fresh.values())
+    for r in rows:
+        r.setdefault("environment", old["environment"])
+    base = next((r["perplexity"] for r in rows if r["recipe"] == "fp32"), None)
+    for r in rows:
+        r.pop("recovered", None)
+        if base is not None:
+            r["delta"] = r["perplexity"] - base
+            r["delta_pct"] = 100.0 * (r["perplexity"] / base - 1.0)
+    tasks.add_recovery(rows)
+    return {**old, "rows": rows, "environment": env}
 
 
 def main() -> None:
@@ -52,11 +84,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="experiments/results")
     p.add_argument("--name", default="ptq_table")
+    p.add_argument("--merge", action="store_true",
+                   help="re-run only --recipes and replace their rows in the existing JSON")
     a = p.parse_args()
     recipes = a.recipes.split(",") if a.recipes else RECIPES
     r = run(a.model, recipes, eval_tokens=None if a.full else a.eval_tokens,
             calib_windows=a.calib_windows, calib_len=a.calib_len, seed=a.seed,
-            out_dir=a.out_dir, name=a.name)
+            out_dir=a.out_dir, name=a.name, merge=a.merge)
     print(tasks.markdown_table(r["rows"]))
 
 
