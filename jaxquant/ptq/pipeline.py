@@ -23,6 +23,7 @@ The result is always serving params (QArray kernels) for ``Transformer(serve_cfg
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any
 
@@ -125,10 +126,13 @@ def _block_config(cfg: TransformerConfig, recipe: Recipe) -> TransformerConfig:
 
 
 def _make_capture(cfg: TransformerConfig):
+    """``capture(block_params, x, positions) -> {site: input}`` for the four sites, and
+    ``capture_site(site)(...) -> input`` of one site. Only the captured inputs are returned,
+    so XLA drops the rest of the block: sequential GPTQ's early stages cost a fraction of a
+    block."""
     block = Block(cfg, QuantMode.TRAIN)
 
-    @jax.jit
-    def run(block_params, x, positions):
+    def trace(block_params, x, positions):
         seen = {}
 
         def interceptor(next_fun, args, kwargs, ctx):
@@ -137,11 +141,14 @@ def _make_capture(cfg: TransformerConfig):
             return next_fun(*args, **kwargs)
 
         with nn.intercept_methods(interceptor):
-            out, _ = block.apply({"params": block_params}, x, positions)
-        sites = {site: seen[lins[0]] for site, (_, lins) in SITES.items()}
-        return out, sites
+            block.apply({"params": block_params}, x, positions)
+        return {site: seen[lins[0]] for site, (_, lins) in SITES.items()}
 
-    return run
+    @functools.cache
+    def capture_site(site):
+        return jax.jit(lambda bp, x, pos: trace(bp, x, pos)[site])
+
+    return jax.jit(trace), capture_site
 
 
 def _make_serve(cfg: TransformerConfig):
@@ -235,7 +242,7 @@ def _quantize_linears(bp, stats, samples, scales, recipe: Recipe, opts: PTQOptio
     return out
 
 
-def _gptq_sequential(bp, h, positions, capture, recipe: Recipe, opts: PTQOptions, batches):
+def _gptq_sequential(bp, h, positions, capture_site, recipe: Recipe, opts: PTQOptions, batches):
     """GPTQ's "true sequential" order inside a block: q/k/v, then o, then gate/up, then down,
     each calibrated on inputs recomputed with the block's already-quantized linears."""
     cur = jax.tree.map(lambda a: a, bp)
@@ -243,7 +250,7 @@ def _gptq_sequential(bp, h, positions, capture, recipe: Recipe, opts: PTQOptions
     for site, (mod, lins) in SITES.items():
         st = None
         for a, b in batches:
-            x = capture(cur, h[a:b], positions[a:b])[1][site]
+            x = capture_site(site)(cur, h[a:b], positions[a:b])
             st = stats_update(st if st is not None else stats_init(x.shape[-1]), x)
         hess = hessian(st)
         for lin in lins:
@@ -290,7 +297,7 @@ def quantize_model(
     calib = jnp.asarray(calib_tokens, jnp.int32)
     n, length = calib.shape
     bcfg = _block_config(cfg, recipe)
-    capture, serve = _make_capture(cfg), _make_serve(bcfg)
+    (capture, capture_site), serve = _make_capture(cfg), _make_serve(bcfg)
     h = jnp.asarray(params["embed"]["embedding"])[calib].astype(cfg.compute_dtype)
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (n, length))
     gptq = recipe.method in ("gptq", "awq+gptq")
@@ -308,7 +315,7 @@ def quantize_model(
         samples: dict[str, list] = {site: [] for site in SITES}
         # Plain sequential GPTQ needs no float pass: it captures stage by stage.
         for a, b in batches if (need_h or keep or recipe.method == "smoothquant") else ():
-            _, sites = capture(bp, h[a:b], positions[a:b])
+            sites = capture(bp, h[a:b], positions[a:b])
             for site, x in sites.items():
                 if site not in stats:
                     stats[site] = stats_init(x.shape[-1], hessian=need_h)
@@ -318,7 +325,7 @@ def quantize_model(
         samples = {s: jnp.concatenate(v)[: options.awq_tokens] for s, v in samples.items() if v}
         bp, scales = _fold_block(bp, stats, samples, recipe, cfg, options)
         if sequential:
-            qbp = _gptq_sequential(bp, h, positions, capture, recipe, options, batches)
+            qbp = _gptq_sequential(bp, h, positions, capture_site, recipe, options, batches)
         else:
             qbp = _quantize_linears(bp, stats, samples, scales, recipe, options)
         h = jnp.concatenate([serve(qbp, h[a:b], positions[a:b]) for a, b in batches])
