@@ -13,10 +13,12 @@ Paths, fastest first:
   the scaled partial products are summed (AQT's tiled dot_general).
 * **fp8**: both operands fp8: a ``dot_general`` on the float8 values with f32 accumulation,
   then the same rescale.
+* **tiled weight-only**: a float lhs of at most 16 rows (decode) times a QArray weight: the
+  weight is dequantized one cache-sized tile at a time inside a loop, so only its codes are read
+  from memory (:mod:`jaxquant.core.tiled_dot`).
 * **reference**: dequantize whatever is quantized, then a float ``lax.dot_general``. Used
-  for weight-only configs (XLA fuses the dequantization into the jitted computation), for
-  asymmetric operands, and as the definition the fast paths are tested against
-  (:func:`dot_general_reference`).
+  for the other weight-only products, for asymmetric operands, and as the definition the fast
+  paths are tested against (:func:`dot_general_reference`).
 
 Gradients: a ``custom_vjp``. Each backward product (``dlhs = g . rhs``, ``drhs = lhs . g``)
 is itself a quantized ``dot_general`` when the config gives it a :class:`BackwardSpec`,
@@ -37,6 +39,7 @@ from jaxquant.core.calibration import compute_scale
 from jaxquant.core.dot_config import BackwardSpec, DotGeneralConfig
 from jaxquant.core.qarray import QArray, quantize
 from jaxquant.core.spec import QuantSpec
+from jaxquant.core.tiled_dot import tiled_weight_dot
 
 # --- dimension numbers --------------------------------------------------------------------------
 
@@ -136,6 +139,20 @@ def _scale_to_output(scale, contracting, batch, free, n_other_free, lhs_side: bo
     return s.reshape(s.shape[: 1 + nb] + (1,) * n_other_free + s.shape[1 + nb :])
 
 
+def _codes_dot(lcodes, rcodes, dn, acc, lfree):
+    """``lax.dot_general`` of the codes. XLA:CPU's int8 product with a single lhs row is a slow
+    path (about 20x slower than two rows for a ``[1, 576] x [49152, 576]^T`` head), so a lone
+    row is padded to two and the padding row dropped."""
+    (_, _), (lb, _) = dn
+    single = lfree and not lb and all(lcodes.shape[a] == 1 for a in lfree)
+    if not (single and acc == jnp.int32):
+        return lax.dot_general(lcodes, rcodes, dn, preferred_element_type=acc)
+    pad = [(0, 0)] * lcodes.ndim
+    pad[lfree[0]] = (0, 1)
+    y = lax.dot_general(jnp.pad(lcodes, pad), rcodes, dn, preferred_element_type=acc)
+    return lax.slice_in_dim(y, 0, 1, axis=0)  # no batch axes: lhs_free[0] is output axis 0
+
+
 def _scaled_codes_dot(lq: QArray, rq: QArray, dn, out_dtype, kind: str):
     """The integer / fp8 product with one rescale; None when the scales don't factor."""
     (lc, rc), (lb, rb) = dn
@@ -170,7 +187,7 @@ def _scaled_codes_dot(lq: QArray, rq: QArray, dn, out_dtype, kind: str):
             rq.scale, rq.scale.shape[:cr] + (k // g,) + rq.scale.shape[cr + 1 :]),
             rc, rb, rfree, len(lfree), False, cr)
         return jnp.sum(y.astype(jnp.float32) * sl * sr, axis=0).astype(out_dtype)
-    y = lax.dot_general(lcodes, rcodes, dn, preferred_element_type=acc)
+    y = _codes_dot(lcodes, rcodes, dn, acc, lfree)
     sl = _scale_to_output(lq.scale, lc, lb, lfree, len(rfree), True, None)[0]
     sr = _scale_to_output(rq.scale, rc, rb, rfree, len(lfree), False, None)[0]
     return (y.astype(jnp.float32) * (sl * sr)).astype(out_dtype)
@@ -205,8 +222,10 @@ def _quantized_operands(lhs, rhs, dn, lspec, rspec, key):
     return lhs, rhs
 
 
-def _forward(lhs, rhs, dn, precision, preferred_element_type, lspec, rspec, int_dot, key):
-    """Quantized forward product (no custom gradient)."""
+def _forward(lhs, rhs, dn, precision, preferred_element_type, lspec, rspec, int_dot, key,
+             tiled=True):
+    """Quantized forward product (no custom gradient). ``tiled=False`` keeps a float lhs times a
+    QArray rhs on the reference path."""
     out_dtype = preferred_element_type or _float_dtype(lhs, rhs)
     lq, rq = _quantized_operands(lhs, rhs, dn, lspec, rspec, key)
     if isinstance(lq, QArray) and isinstance(rq, QArray) and int_dot:
@@ -220,6 +239,10 @@ def _forward(lhs, rhs, dn, precision, preferred_element_type, lspec, rspec, int_
             if y is not None:
                 return y
     ftype = _float_dtype(lhs, rhs)
+    if tiled and isinstance(rq, QArray) and not isinstance(lq, QArray):
+        y = tiled_weight_dot(lq, rq, dn, precision, preferred_element_type, ftype)
+        if y is not None:
+            return y
     return lax.dot_general(
         _as_float(lq, ftype), _as_float(rq, ftype), dn, precision=precision,
         preferred_element_type=preferred_element_type,
@@ -239,7 +262,7 @@ def dot_general_reference(
                                _as_float(rhs, _float_dtype(lhs, rhs)), dn, precision=precision,
                                preferred_element_type=preferred_element_type)
     return _forward(lhs, rhs, dn, precision, preferred_element_type, config.lhs, config.rhs,
-                    False, _derive_key(config, lhs, 0))
+                    False, _derive_key(config, lhs, 0), tiled=False)
 
 
 # --- backward -----------------------------------------------------------------------------------
@@ -311,15 +334,22 @@ def _zero_cotangent(x):
     return np.zeros(x.shape, dtype=jax.dtypes.float0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _qdot(lhs, rhs, dn, precision, preferred_element_type, config):
-    return _qdot_fwd(lhs, rhs, dn, precision, preferred_element_type, config)[0]
-
-
-def _qdot_fwd(lhs, rhs, dn, precision, preferred_element_type, config):
+def _qdot_primal(lhs, rhs, dn, precision, preferred_element_type, config):
     key = _derive_key(config, lhs, 0)
     lq, rq = _quantized_operands(lhs, rhs, dn, config.lhs, config.rhs, key)
     y = _forward(lq, rq, dn, precision, preferred_element_type, None, None, config.int_dot, None)
+    return y, lq, rq
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _qdot(lhs, rhs, dn, precision, preferred_element_type, config):
+    # Without differentiation only the product is traced: no dequantized residuals (a served
+    # weight never appears in float in the jaxpr).
+    return _qdot_primal(lhs, rhs, dn, precision, preferred_element_type, config)[0]
+
+
+def _qdot_fwd(lhs, rhs, dn, precision, preferred_element_type, config):
+    y, lq, rq = _qdot_primal(lhs, rhs, dn, precision, preferred_element_type, config)
     ftype = _float_dtype(lhs, rhs)
     res = (_as_float(lq, ftype), _as_float(rq, ftype), lhs, rhs)
     return y, res

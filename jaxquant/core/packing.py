@@ -66,12 +66,31 @@ def unpack(packed: jax.Array, bits: int, axis: int, n: int, *, signed: bool) -> 
     axis = axis % packed.ndim
     p = jnp.expand_dims(packed.astype(jnp.uint8), axis + 1)
     shifts = (jnp.arange(k, dtype=jnp.uint8) * bits).reshape((k,) + (1,) * (packed.ndim - axis - 1))
-    c = (p >> shifts) & jnp.uint8((1 << bits) - 1)
-    c = c.astype(jnp.int8)
-    if signed:
-        sign = jnp.int8(1 << (bits - 1))
-        c = (c ^ sign) - sign
+    c = _extract(p, shifts, bits, signed)
     c = c.reshape(packed.shape[:axis] + (packed.shape[axis] * k,) + packed.shape[axis + 1 :])
     if c.shape[axis] != n:
         c = jax.lax.slice_in_dim(c, 0, n, axis=axis)
+    return c
+
+
+def unpack_plane(packed: jax.Array, bits: int, j: int, *, signed: bool) -> jax.Array:
+    """Code ``j`` of every byte: elements ``k * i + j`` of the packed axis (``k = 8 // bits``).
+
+    The ``k`` planes together are :func:`unpack`'s codes, de-interleaved; a product over the
+    packed axis can use them without interleaving (``x . w == sum_j x[j::k] . plane_j``).
+
+    Returns:
+      ``int8`` codes with ``packed``'s shape.
+    """
+    if bits not in (2, 4) or not 0 <= j < 8 // bits:
+        raise ValueError(f"unpack_plane needs bits in (2, 4) and 0 <= j < 8 // bits; got {bits}, {j}.")
+    return _extract(packed.astype(jnp.uint8), jnp.uint8(bits * j), bits, signed)
+
+
+def _extract(p: jax.Array, shift, bits: int, signed: bool) -> jax.Array:
+    """``bits``-wide codes at ``shift`` of the bytes ``p``, as int8 (sign-extended if signed)."""
+    c = ((p >> shift) & jnp.uint8((1 << bits) - 1)).astype(jnp.int8)
+    if signed:
+        sign = jnp.int8(1 << (bits - 1))
+        c = (c ^ sign) - sign
     return c

@@ -75,18 +75,18 @@ def init_kv_cache(
             f"max_len must be in [1, {cfg.max_seq_len}] (cfg.max_seq_len), got {max_len}."
         )
     shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    # Every buffer is its own array, so the cache can be donated (one buffer donated twice fails).
     if qtype is None:
-        k = jnp.zeros(shape, cfg.compute_dtype)
-        layer = LayerKVCache(k, k)
+        new_layer = lambda: LayerKVCache(*(jnp.zeros(shape, cfg.compute_dtype) for _ in "kv"))
     else:
         qt = get_qtype(qtype)
         if qt.name not in ("int8", "int4"):
             raise ValueError(f"KV cache qtype must be None, 'int8' or 'int4', got {qtype!r}.")
         cshape = shape[:3] + (shape[3] * qt.storage_bits // 8,)
-        codes = jnp.zeros(cshape, jnp.uint8 if qt.packed else jnp.int8)
-        scale = jnp.ones(shape[:3] + (1,), jnp.float32)
-        layer = LayerKVCache(codes, codes, scale, scale)
-    return KVCache(tuple(layer for _ in range(cfg.n_layers)), jnp.zeros((), jnp.int32))
+        codes = lambda: jnp.zeros(cshape, jnp.uint8 if qt.packed else jnp.int8)
+        scale = lambda: jnp.ones(shape[:3] + (1,), jnp.float32)
+        new_layer = lambda: LayerKVCache(codes(), codes(), scale(), scale())
+    return KVCache(tuple(new_layer() for _ in range(cfg.n_layers)), jnp.zeros((), jnp.int32))
 
 
 def cache_qtype(layer: LayerKVCache) -> str | None:
