@@ -54,3 +54,12 @@ def test_core_all_names_import(name):
 
 def test_version():
     assert isinstance(jaxquant.__version__, str) and jaxquant.__version__
+
+
+@pytest.mark.parametrize("package", ["jaxquant.nn", "jaxquant.ptq", "jaxquant.train"])
+def test_subpackage_reexports_import(package):
+    module = importlib.import_module(package)
+    names = _public_names(module)
+    assert names, package
+    for name in names:
+        assert getattr(module, name) is not None, (package, name)
