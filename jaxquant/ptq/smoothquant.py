@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jaxquant.core.dot_config import DotGeneralConfig, w8a8
 from jaxquant.core.dot_general import quantize_operand
 
-ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(4, 19))  # 0.20 .. 0.90
+ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(2, 10))  # 0.2 .. 0.9
 
 
 def smooth_scales(
@@ -56,14 +56,11 @@ def w8a8_output(x: jax.Array, kernel: jax.Array, config: DotGeneralConfig) -> ja
 
 
 @jax.jit
-def _w8a8_error(x, kernels, s):
-    """Summed output MSE of the smoothed W8A8 linears against float."""
+def _w8a8_error(x, kernels, refs, s):
+    """Summed output MSE of the smoothed W8A8 linears against their float outputs ``refs``."""
     cfg = w8a8()
-    err = 0.0
-    for k in kernels:
-        ref = jnp.matmul(x, k, precision="highest")
-        err = err + jnp.mean((w8a8_output(x / s, k * s[:, None], cfg) - ref) ** 2)
-    return err
+    return sum(jnp.mean((w8a8_output(x / s, k * s[:, None], cfg) - ref) ** 2)
+               for k, ref in zip(kernels, refs, strict=True))
 
 
 def search_alpha(
@@ -86,9 +83,10 @@ def search_alpha(
     """
     x = jnp.asarray(x, jnp.float32)
     kernels = [jnp.asarray(k, jnp.float32) for k in kernels]
+    refs = [jnp.matmul(x, k, precision="highest") for k in kernels]
     scales = [smooth_scales(act_absmax, kernels, a) for a in alphas]
-    losses = [float(_w8a8_error(x, kernels, s)) for s in scales]
+    losses = [float(_w8a8_error(x, kernels, refs, s)) for s in scales]
     best = min(range(len(alphas)), key=losses.__getitem__)
-    base = float(_w8a8_error(x, kernels, jnp.ones_like(scales[0])))
+    base = float(_w8a8_error(x, kernels, refs, jnp.ones_like(scales[0])))
     info = {"alpha": alphas[best], "loss": losses[best], "loss_unsmoothed": base}
     return scales[best], info
