@@ -1,6 +1,7 @@
 """The ``jaxquant`` command line. Thin: it parses arguments and calls the library.
 
-Commands: ``demo`` (the main job), ``eval``, ``ptq``, ``generate``. Each takes ``--json PATH``.
+Commands: ``demo`` (the main job), ``eval``, ``ptq``, ``generate``, ``bench``. Each takes
+``--json PATH``.
 """
 
 from __future__ import annotations
@@ -112,6 +113,15 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from jaxquant.eval import bench
+
+    result = bench.run(quick=args.quick)
+    print("\n" + bench.markdown(result))
+    _write_json(args.json, result)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxquant", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -167,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     gen.add_argument("--kv-cache", choices=["float", "int8", "int4"], default="float")
     gen.set_defaults(func=_cmd_generate)
+
+    be = sub.add_parser("bench", help="dot_general and decode speed, and memory, vs float")
+    be.add_argument("--quick", action="store_true",
+                    help="small dot shapes, 32-token prefill and 32 decode steps (a few minutes)")
+    be.add_argument("--json", help="write the result as JSON to this path "
+                                   "(e.g. experiments/results/bench-cpu.json)")
+    be.set_defaults(func=_cmd_bench)
     return parser
 
 

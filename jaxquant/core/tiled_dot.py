@@ -93,10 +93,21 @@ def _planes(q: QArray, contracting) -> list[QArray] | None:
 
 
 def _dot(x, w: QArray, dn, precision, preferred_element_type, ftype):
-    """``x . w.dequantize(ftype)``, summing over the code planes of a packed ``w``."""
+    """``x . w.dequantize(ftype)``, summing over the code planes of a packed ``w``.
+
+    A symmetric int / fp8 scale that is constant along the contraction (one per output channel)
+    multiplies the product instead of every weight element.
+    """
     (lc, rc), _ = dn
     planes = _planes(w, rc)
     if planes is None:
+        kind = get_qtype(w.qtype).kind
+        if w.zero_point is None and kind != "codebook" and all(w.scale.shape[a] == 1 for a in rc):
+            rfree = [n for a, n in enumerate(w.scale.shape) if a not in rc]
+            y = lax.dot_general(x, w.codes().astype(ftype), dn, precision,
+                                preferred_element_type=jnp.float32)
+            s = w.scale.astype(jnp.float32).reshape(rfree)  # the output's trailing (rhs) axes
+            return (y * s).astype(preferred_element_type or jnp.result_type(x.dtype, ftype))
         return lax.dot_general(x, w.dequantize(ftype), dn, precision,
                                preferred_element_type=preferred_element_type)
     k, la = len(planes), lc[rc.index(w.pack_axis)]
