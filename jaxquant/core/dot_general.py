@@ -13,9 +13,9 @@ Paths, fastest first:
   the scaled partial products are summed (AQT's tiled dot_general).
 * **fp8**: both operands fp8: a ``dot_general`` on the float8 values with f32 accumulation,
   then the same rescale.
-* **tiled weight-only**: a float lhs of at most 16 rows (decode) times a QArray weight: the
-  weight is dequantized one cache-sized tile at a time inside a loop, so only its codes are read
-  from memory (:mod:`jaxquant.core.tiled_dot`).
+* **tiled weight-only** (XLA:CPU): a float lhs of at most 16 rows (decode) times a QArray
+  weight: the weight is dequantized one cache-sized tile at a time inside a loop, so only its
+  codes are read from memory (:mod:`jaxquant.core.tiled_dot`).
 * **reference**: dequantize whatever is quantized, then a float ``lax.dot_general``. Used
   for the other weight-only products, for asymmetric operands, and as the definition the fast
   paths are tested against (:func:`dot_general_reference`).

@@ -21,6 +21,9 @@ holds elements ``k i + j`` (``j < k = 8 // bits``), so the product is the sum ov
 code planes, ``sum_j x[..., j::k] . dequantize(plane_j)``, each plane a plain shift and mask of
 the bytes (:func:`~jaxquant.core.packing.unpack_plane`).
 
+A symmetric scale per output channel (int8 per column, the per-row head) is applied to the
+tile's product rather than to each of its elements.
+
 It is the reference product up to float reassociation (the sum over ``K`` is split into partial
 sums). Tiles hold whole groups and whole packed bytes.
 """
@@ -38,6 +41,9 @@ from jaxquant.core.packing import unpack_plane
 from jaxquant.core.qarray import QArray
 from jaxquant.core.qtypes import get_qtype
 
+# Backends where the tiled path is used. Measured on XLA:CPU only; elsewhere (no GPU was at
+# hand) the reference path stays, where XLA:GPU can fuse the dequantization into the GEMM.
+TILED_BACKENDS = ("cpu",)
 # Tiled only when the lhs has at most this many rows (product of its non-contracting sizes):
 # beyond that the dot is compute bound and one dequantization of the weight is amortised.
 MAX_TILED_ROWS = 16
@@ -131,12 +137,13 @@ def tiled_weight_dot(lhs, rq: QArray, dn, precision, preferred_element_type, fty
       ftype: the float dtype the weight dequantizes to.
 
     Returns:
-      The product, or None when this path doesn't apply (batch axes, more than
+      The product, or None when this path doesn't apply (a backend not in
+      :data:`TILED_BACKENDS`, batch axes, more than
       :data:`MAX_TILED_ROWS` lhs rows, or a leading axis that can't be cut in two or more tiles);
       the caller then takes the reference path.
     """
     (lc, rc), (lb, rb) = dn
-    if lb or rb or isinstance(lhs, QArray):
+    if lb or rb or isinstance(lhs, QArray) or jax.default_backend() not in TILED_BACKENDS:
         return None
     rows = math.prod(n for a, n in enumerate(lhs.shape) if a not in lc)
     c = tile_rows(rq)
