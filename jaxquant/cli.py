@@ -55,14 +55,19 @@ def _cmd_ptq(args) -> int:
     from jaxquant.eval import tasks
     from jaxquant.eval.saved import save_quantized
     from jaxquant.io.models import load
+    from jaxquant.ptq.gptq import GPTQConfig
+    from jaxquant.ptq.pipeline import PTQOptions
     from jaxquant.ptq.recipe import Recipe
 
     recipe = Recipe(method=args.method, qtype=args.qtype, group_size=args.group_size,
-                    symmetric=not args.asym)
+                    symmetric=not args.asym, mse_clip=args.mse)
+    options = PTQOptions(
+        gptq=GPTQConfig(damp=args.damp, act_order=not args.no_act_order),
+        true_sequential=not args.no_true_sequential)
     model = load(args.model)
     cfg, params, info = tasks.quantize(model, recipe, dataset=args.data,
                                        calib_windows=args.calib_windows,
-                                       calib_len=args.calib_len, seed=args.seed)
+                                       calib_len=args.calib_len, seed=args.seed, options=options)
     result = {"model": args.model, **info, **tasks.weight_stats(params),
               "environment": tasks.environment()}
     if args.out:
@@ -165,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     ptq.add_argument("--qtype", default="int4")
     ptq.add_argument("--group-size", type=int)
     ptq.add_argument("--asym", action="store_true", help="zero points (asymmetric)")
+    ptq.add_argument("--mse", action="store_true", help="MSE clip search for the scales")
+    ptq.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening (x mean diag H)")
+    ptq.add_argument("--no-act-order", action="store_true",
+                     help="GPTQ: columns in natural order (default: by decreasing diag H)")
+    ptq.add_argument("--no-true-sequential", action="store_true",
+                     help="GPTQ: calibrate all of a block's linears on float inputs at once")
     ptq.add_argument("--out", help="checkpoint directory")
     ptq.add_argument("--force", action="store_true", help="replace an existing checkpoint")
     ptq.set_defaults(func=_cmd_ptq)

@@ -84,7 +84,10 @@ def quantize(
         calib = data.calibration_windows(stream, calib_windows, calib_len, seed)
         info["calibration"] = {"dataset": dataset, "split": "train", "windows": calib_windows,
                                "length": calib_len, "seed": seed}
-    cfg, params, qinfo = quantize_model(model.cfg, model.params, recipe, calib, options=options or PTQOptions(),
+    options = options or PTQOptions()
+    if calib is not None:
+        info["options"] = dataclasses.asdict(options)
+    cfg, params, qinfo = quantize_model(model.cfg, model.params, recipe, calib, options=options,
                                         progress=progress)
     info["quantize_seconds"] = qinfo["seconds"]
     return cfg, params, info

@@ -42,6 +42,20 @@ def test_ptq_checkpoint_then_eval_matches_on_the_fly(tmp_path):
     assert _run("eval", "--model", "tiny", "--checkpoint", str(ck), *ev) == 0
 
 
+def test_ptq_gptq_options_reach_the_algorithm(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    common = ("--model", "tiny", "--calib-windows", "2", "--calib-len", "32", "--method", "gptq",
+              "--qtype", "int4", "--group-size", "32")
+    assert _run("ptq", *common, "--mse", "--no-act-order", "--no-true-sequential",
+                "--damp", "0.05", "--json", str(out)) == 0
+    r = json.loads(out.read_text())
+    assert r["recipe"] == "gptq:int4:g32:mse"
+    assert r["options"]["gptq"] == {"damp": 0.05, "block_size": 128, "act_order": False}
+    assert r["options"]["true_sequential"] is False
+    assert _run("ptq", *common, "--damp", "1.5") == 2
+    assert "damp must be in [0, 1)" in capsys.readouterr().err
+
+
 def test_generate_and_bad_recipe(tmp_path, capsys):
     out = tmp_path / "g.json"
     assert _run("generate", "--model", "tiny", "--prompt", "Hi", "--max-new-tokens", "4",
