@@ -293,24 +293,41 @@ def run(
 
 
 def merge(base: dict, update: dict) -> dict:
-    """``base`` with ``update``'s rows replacing (or adding) the same ``(recipe, method)``;
-    each row keeps the jaxquant commit it ran at, and both environments are kept."""
+    """``base`` with ``update``'s rows replacing (or adding) the same ``(recipe, method)``.
+
+    Each row keeps the jaxquant commit and GPTQ settings it ran with; replaced rows move to
+    ``replaced_rows``, and both environments are kept. The model, data and evaluation
+    settings must be equal.
+    """
 
     def stamped(result):
         env = result["environment"]
-        keys = ("jaxquant_commit", "jaxquant_dirty")
-        return [{**{k: env.get(k) for k in keys}, **r} for r in result["rows"]]
+        stamp = {k: env.get(k) for k in ("jaxquant_commit", "jaxquant_dirty")}
+        stamp["jaxquant_gptq"] = result["settings"].get("jaxquant_gptq")
+        return [{**stamp, **r} for r in result["rows"]]
 
-    if base["settings"] != update["settings"] or base["model"] != update["model"]:
+    def shared(result):
+        return result["model"], {
+            k: v for k, v in result["settings"].items() if k != "jaxquant_gptq"
+        }
+
+    if shared(base) != shared(update):
         raise ValueError("Only results of the same model and settings can be merged.")
     new = {(r["recipe"], r["method"]): r for r in stamped(update)}
-    rows = [new.pop((r["recipe"], r["method"]), r) for r in stamped(base)]
+    rows, replaced = [], list(base.get("replaced_rows", []))
+    for r in stamped(base):
+        key = (r["recipe"], r["method"])
+        if key in new:
+            replaced.append(r)
+        rows.append(new.pop(key, r))
     envs = base.get("environments", [base["environment"]]) + [update["environment"]]
     return {
         **base,
         "environment": update["environment"],
         "environments": envs,
+        "settings": update["settings"],
         "rows": rows + list(new.values()),
+        "replaced_rows": replaced,
     }
 
 

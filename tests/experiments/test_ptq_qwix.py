@@ -110,5 +110,10 @@ def test_merge_replaces_rows_and_stamps_commits(ptq_qwix):
         ("jaxquant gptq", 5.0, "bbb"),
     ]
     assert len(merged["environments"]) == 2
+    assert [r["perplexity"] for r in merged["replaced_rows"]] == [4.0]
     with pytest.raises(ValueError, match="same model and settings"):
         ptq_qwix.merge(old, {**new, "settings": {"eval": 2}})
+    # jaxquant's own GPTQ settings may differ between the runs: they are kept per row.
+    newer = {**new, "settings": {"eval": 1, "jaxquant_gptq": {"act_order": True}}}
+    rows = ptq_qwix.merge(old, newer)["rows"]
+    assert rows[2]["jaxquant_gptq"] == {"act_order": True} and rows[1]["jaxquant_gptq"] is None
