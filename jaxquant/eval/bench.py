@@ -19,7 +19,6 @@ Example::
 
 from __future__ import annotations
 
-import os
 import time
 
 from jaxquant.eval import bench_decode, bench_dot
@@ -100,10 +99,6 @@ def run(*, quick: bool = False, progress: bool = True, dot_shapes=None,
     result["load_average_after"] = bench_dot.loadavg()
     result["seconds"] = time.time() - t0
     return result
-
-
-def default_path(result: dict) -> str:
-    return os.path.join("experiments", "results", f"bench-{result['device']}.json")
 
 
 def markdown(result: dict) -> str:
