@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 
 import numpy as np
 import pytest
 
 import jaxquant as jq
-
-_PATH = pathlib.Path(__file__).parents[2] / "experiments" / "core_roundtrip.py"
+from tests.experiments.helpers import load_experiment
 
 
 @pytest.fixture(scope="module")
 def core_roundtrip():
-    spec = importlib.util.spec_from_file_location("core_roundtrip", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("core_roundtrip")
 
 
 def test_run_tiny(core_roundtrip, tmp_path):

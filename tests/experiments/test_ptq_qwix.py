@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 import re
 
 import jax.numpy as jnp
@@ -11,16 +9,12 @@ import pytest
 
 from jaxquant.nn.config import PROJECTIONS, TransformerConfig
 from jaxquant.ptq.recipe import parse_recipe
-
-_PATH = pathlib.Path(__file__).parents[2] / "experiments" / "ptq_qwix.py"
+from tests.experiments.helpers import load_experiment
 
 
 @pytest.fixture(scope="module")
 def ptq_qwix():
-    spec = importlib.util.spec_from_file_location("ptq_qwix", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("ptq_qwix")
 
 
 def test_groups_follow_the_pipeline_on_smollm2(ptq_qwix):
