@@ -7,7 +7,7 @@ Steps, as in the paper's reference code:
 
 1. ``H = 2 X^T X / n`` (see :mod:`jaxquant.ptq.hessian`); dead inputs (``H_ii = 0``) get
    ``H_ii = 1`` and a zero weight column.
-2. Optionally act-order: visit columns by decreasing ``H_ii``. Groups then use *static*
+2. Act-order (the default): visit columns by decreasing ``H_ii``. Groups then use *static*
    scales computed from the original weights before the pass, so every group stays a
    contiguous block of inputs and serving is plain grouped dequantization.
 3. Dampen: ``H += damp * mean(diag H) * I``; take the upper Cholesky factor of ``H^-1``.

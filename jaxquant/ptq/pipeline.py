@@ -303,6 +303,9 @@ def quantize_model(
     gptq = recipe.method in ("gptq", "awq+gptq")
     sequential = gptq and options.true_sequential
     need_h = gptq and not sequential
+    # Every method but plain sequential GPTQ (which captures stage by stage) needs one pass of
+    # the float block for its statistics.
+    float_pass = not (recipe.method == "gptq" and sequential)
     keep = recipe.method in ("awq", "awq+gptq") or (
         recipe.method == "smoothquant" and options.smooth_search)
     batches = _batches(n, options.batch_windows)
@@ -313,8 +316,7 @@ def quantize_model(
         bp = params[f"block_{i}"]
         stats: dict[str, InputStats] = {}
         samples: dict[str, list] = {site: [] for site in SITES}
-        # Plain sequential GPTQ needs no float pass: it captures stage by stage.
-        for a, b in batches if (need_h or keep or recipe.method == "smoothquant") else ():
+        for a, b in batches if float_pass else ():
             sites = capture(bp, h[a:b], positions[a:b])
             for site, x in sites.items():
                 if site not in stats:
