@@ -1,7 +1,7 @@
 """On-disk size of Orbax checkpoints for the SmolLM2-135M shapes, float vs quantized.
 
 Random weights with SmolLM2-135M's shapes (30 layers, d=576, 9 heads x 64, 3 KV heads x 64,
-FFN 1536, tied 49152 x 576 embedding) are saved with ``jaxquant.io.checkpoint.save`` as:
+FFN 1536, tied 49152 x 576 embedding) are saved with ``jaxquant.checkpoint.save`` as:
 
 * ``f32`` and ``bf16``: every tensor in that dtype;
 * ``int8`` per output channel, ``int4 g128`` and ``int4 g32`` with zero points: the seven
@@ -40,8 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxquant import checkpoint
 from jaxquant.core import QArray, QuantSpec, quantize_operand
-from jaxquant.io import checkpoint
 
 _quantize = jax.jit(quantize_operand, static_argnums=(1, 2))
 RESULTS = pathlib.Path(__file__).parent / "results" / "checkpoint_sizes.json"

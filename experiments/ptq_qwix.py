@@ -51,9 +51,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant import data
 from jaxquant.eval import tasks
-from jaxquant.io import data
-from jaxquant.io.models import LoadedModel, load
+from jaxquant.models.registry import LoadedModel, load
 from jaxquant.nn.config import TransformerConfig
 from jaxquant.nn.transformer import Transformer
 from jaxquant.ptq.pipeline import PTQOptions, effective_group, quantize_model

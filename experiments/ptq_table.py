@@ -17,7 +17,7 @@ from pathlib import Path
 
 from jaxquant.eval import tasks
 from jaxquant.eval.plots import plot_ppl_vs_size
-from jaxquant.io.models import load
+from jaxquant.models.registry import load
 
 RECIPES = tasks.DEMO_RECIPES + ("awq+gptq:int3:g128",)
 

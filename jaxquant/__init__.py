@@ -45,5 +45,5 @@ def __getattr__(name):
     if name == "checkpoint":
         import importlib
 
-        return importlib.import_module("jaxquant.io.checkpoint")
+        return importlib.import_module("jaxquant.checkpoint")
     raise AttributeError(f"module 'jaxquant' has no attribute {name!r}")

@@ -27,11 +27,11 @@ def _recipe(text: str | None):
 
 def _cmd_eval(args) -> int:
     from jaxquant.eval import tasks
-    from jaxquant.io.models import load
+    from jaxquant.models.registry import load
 
     model = load(args.model)
     if args.checkpoint:
-        from jaxquant.eval.saved import evaluate_checkpoint
+        from jaxquant.eval.tasks import evaluate_checkpoint
 
         result = evaluate_checkpoint(model, args.checkpoint, dataset=args.data, split=args.split,
                                      seq_len=args.seq_len, stride=args.stride,
@@ -53,8 +53,8 @@ def _cmd_eval(args) -> int:
 
 def _cmd_ptq(args) -> int:
     from jaxquant.eval import tasks
-    from jaxquant.eval.saved import save_quantized
-    from jaxquant.io.models import load
+    from jaxquant.models.registry import load
+    from jaxquant.models.saved import save_quantized
     from jaxquant.ptq.gptq import GPTQConfig
     from jaxquant.ptq.pipeline import PTQOptions
     from jaxquant.ptq.recipe import Recipe
@@ -82,7 +82,7 @@ def _cmd_ptq(args) -> int:
 
 def _cmd_generate(args) -> int:
     from jaxquant.eval.generation import generate_text
-    from jaxquant.io.models import load
+    from jaxquant.models.registry import load
 
     model = load(args.model)
     result = generate_text(model, args.prompt, recipe=_recipe(args.quant),
@@ -96,7 +96,7 @@ def _cmd_generate(args) -> int:
 def _cmd_demo(args) -> int:
     from jaxquant.eval import tasks
     from jaxquant.eval.plots import plot_ppl_vs_size
-    from jaxquant.io.models import load
+    from jaxquant.models.registry import load
 
     budget = tasks.DemoBudget(eval_tokens=None if args.full else args.max_tokens,
                               calib_windows=args.calib_windows, calib_len=args.calib_len)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant.eval import tasks
-from jaxquant.io.models import LoadedModel
+from jaxquant.models.registry import LoadedModel
 from jaxquant.nn.decode import generate
 from jaxquant.nn.modes import QuantMode
 from jaxquant.nn.transformer import Transformer

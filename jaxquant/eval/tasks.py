@@ -15,10 +15,11 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxquant import data
 from jaxquant.core import QArray
 from jaxquant.eval.perplexity import perplexity
-from jaxquant.io import data
-from jaxquant.io.models import LoadedModel
+from jaxquant.models.registry import LoadedModel
+from jaxquant.models.saved import load_quantized
 from jaxquant.nn.config import TransformerConfig
 from jaxquant.nn.modes import QuantMode
 from jaxquant.nn.rules import param_bytes
@@ -236,3 +237,14 @@ def markdown_table(rows) -> str:
                      f"{r['model_bytes'] / 1e6:.1f} | {r['perplexity']:.3f} | {delta} | {rec} | "
                      f"{r['quantize_seconds']:.1f} |")
     return "\n".join(lines)
+
+
+def evaluate_checkpoint(model: LoadedModel, directory, *, dataset="ptb", split="test",
+                        **kwargs) -> dict:
+    """Perplexity of a saved quantized model (the tokenizer comes from ``model``)."""
+    cfg, params, sidecar = load_quantized(directory)
+    tokens = tokens_for(model, dataset, split)
+    ppl = evaluate_params(cfg, params, tokens, **kwargs)
+    return {"model": model.name, "checkpoint": str(directory), "dataset": dataset,
+            "split": split, "recipe": sidecar["recipe"], **ppl, **weight_stats(params),
+            "environment": environment()}

@@ -8,8 +8,8 @@ import pytest
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from jaxquant.io.safetensors_loader import load_hf_folder
-from jaxquant.io.weights import canonical_shapes, load_model
+from jaxquant.models.safetensors_loader import load_hf_folder
+from jaxquant.models.weights import canonical_shapes, load_model
 
 HF_CONFIG = {
     "model_type": "llama",

@@ -9,10 +9,11 @@ import numpy as np
 import optax
 import pytest
 
+from jaxquant import checkpoint
+from jaxquant.checkpoint.common import TMP_SUFFIX
+from jaxquant.checkpoint.manager import CheckpointManager
 from jaxquant.core import QuantSpec, fake_quant
-from jaxquant.io import checkpoint
-from jaxquant.io.checkpoint_manager import CheckpointManager
-from tests.io.test_checkpoint import _w, assert_identical, qtree, run_and_kill
+from tests.checkpoint.test_checkpoint import _w, assert_identical, qtree, run_and_kill
 
 SPEC = QuantSpec(qtype="int4", channel_axes=(1,), group_size=16)
 
@@ -35,7 +36,7 @@ def test_save_is_asynchronous_and_commits_atomically(tmp_path, monkeypatch):
     rename = os.rename
 
     def gated_rename(src, dst, *args, **kwargs):
-        if checkpoint._TMP_SUFFIX in os.fspath(src):
+        if TMP_SUFFIX in os.fspath(src):
             held.set()
             release.wait(60)
         return rename(src, dst, *args, **kwargs)
@@ -49,7 +50,7 @@ def test_save_is_asynchronous_and_commits_atomically(tmp_path, monkeypatch):
         assert mngr.save(2, tree)  # returns while the background thread writes
         assert held.wait(60), "the background save never reached its commit"
         # Step 2 is written but not committed: only its temporary directory exists.
-        assert (tmp_path / "run" / f"2{checkpoint._TMP_SUFFIX}").is_dir()
+        assert (tmp_path / "run" / f"2{TMP_SUFFIX}").is_dir()
         with pytest.raises(FileNotFoundError, match="unfinished save"):
             checkpoint.restore(tmp_path / "run" / "2")
         assert_identical(checkpoint.restore(tmp_path / "run" / "1"), tree)
@@ -144,7 +145,7 @@ def test_killed_save_keeps_the_previous_step(tmp_path):
     with CheckpointManager(tmp_path / "run") as mngr:
         mngr.save(1, first)
     run_and_kill(tmp_path / "run", "manager", "finalizing")
-    assert (tmp_path / "run" / f"2{checkpoint._TMP_SUFFIX}").is_dir()  # killed before commit
+    assert (tmp_path / "run" / f"2{TMP_SUFFIX}").is_dir()  # killed before commit
     with CheckpointManager(tmp_path / "run") as mngr:
         assert mngr.all_steps() == [1] and mngr.latest_step() == 1
         assert_identical(mngr.restore(), first)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxquant.io.fetch import cache_dir as default_cache_dir
+from jaxquant.data.cache import cache_dir as default_cache_dir
 
 DATASETS = ("ptb",)
 PTB_SPLITS = ("train", "valid", "test")
@@ -81,7 +81,7 @@ def tokenize_cached(
     Args:
       text_id: A readable label for the file name, e.g. ``"ptb-test"``.
       text: The text to tokenize.
-      tokenizer: A :class:`jaxquant.io.tokenizer.TextTokenizer` or a
+      tokenizer: A :class:`jaxquant.data.tokenizer.TextTokenizer` or a
         ``tokenizers.Tokenizer``.
       cache_dir: Where to keep the ``.npy``; default the jaxquant cache
         (``$JAXQUANT_CACHE`` or ``~/.cache/jaxquant``).

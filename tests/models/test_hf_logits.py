@@ -15,7 +15,7 @@ import pytest
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from jaxquant.io.weights import load_model
+from jaxquant.models.weights import load_model
 from jaxquant.nn.config import TransformerConfig
 from jaxquant.nn.transformer import Transformer
 

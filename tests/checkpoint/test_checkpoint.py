@@ -22,8 +22,10 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxquant import checkpoint
+from jaxquant.checkpoint.common import TMP_SUFFIX
+from jaxquant.checkpoint.tree_codec import ARRAYS_ITEM, META_ITEM
 from jaxquant.core import QuantSpec, quantize_operand
-from jaxquant.io import checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -131,7 +133,7 @@ def test_nested_float_tree_round_trip(tmp_path):
 def test_metadata_is_json_with_dtype_names_and_nothing_is_unpickled(tmp_path, monkeypatch):
     tree = qtree("fp8_e5m2") | {"nf4": qtree("nf4")["head"][0]}
     checkpoint.save(tmp_path / "c", tree)
-    meta = json.loads((tmp_path / "c" / checkpoint.META_ITEM / "metadata").read_text())
+    meta = json.loads((tmp_path / "c" / META_ITEM / "metadata").read_text())
     assert meta["format"] == checkpoint.FORMAT
     q = meta["tree"]["children"][0]["children"][0]["children"][0]["children"][0]
     assert q["type"] == "qarray" and q["qtype"] == "fp8_e5m2"
@@ -302,7 +304,7 @@ def test_corrupted_checkpoint_is_a_clear_error(tmp_path, damage):
     data = sorted(
         (
             f
-            for f in (path / checkpoint.ARRAYS_ITEM).rglob("*")
+            for f in (path / ARRAYS_ITEM).rglob("*")
             if f.is_file() and f.parent.name == "d"
         ),
         key=lambda f: f.stat().st_size,
@@ -318,7 +320,7 @@ def test_corrupted_checkpoint_is_a_clear_error(tmp_path, damage):
             fh.truncate(biggest.stat().st_size // 2)
         match = r"could not read the checkpoint's arrays.*truncated or corrupted"
     else:
-        meta = path / checkpoint.META_ITEM / "metadata"
+        meta = path / META_ITEM / "metadata"
         meta.write_text(meta.read_text()[:40])
         match = r"could not read the checkpoint metadata.*truncated or corrupted"
     with pytest.raises(ValueError, match=match) as info:
@@ -345,8 +347,8 @@ _CHILD = textwrap.dedent(
 
     os.rename = _blocking_rename
     import numpy as np
-    from jaxquant.io import checkpoint
-    from jaxquant.io.checkpoint_manager import CheckpointManager
+    from jaxquant import checkpoint
+    from jaxquant.checkpoint.manager import CheckpointManager
 
     where, mode = sys.argv[1], sys.argv[2]
     rng = np.random.default_rng(0)
@@ -382,9 +384,7 @@ def run_and_kill(where: pathlib.Path, mode: str, kill_when: str) -> None:
                     break
         else:  # as soon as Orbax's temporary directory holds a file: mid-write
             while not any(
-                p.is_file()
-                for tmp in where.parent.glob(f"*{checkpoint._TMP_SUFFIX}*")
-                for p in tmp.rglob("*")
+                p.is_file() for tmp in where.parent.glob(f"*{TMP_SUFFIX}*") for p in tmp.rglob("*")
             ):
                 assert proc.poll() is None and time.monotonic() < deadline
                 time.sleep(0.005)
@@ -402,7 +402,7 @@ def test_killed_replace_keeps_the_previous_checkpoint(tmp_path, kill_when):
     old = qtree("int4_asym")
     path = checkpoint.save(tmp_path / "ckpt", old)
     run_and_kill(path, "replace", kill_when)
-    assert any(checkpoint._TMP_SUFFIX in p.name for p in tmp_path.iterdir())  # it was mid-save
+    assert any(TMP_SUFFIX in p.name for p in tmp_path.iterdir())  # it was mid-save
     assert_identical(checkpoint.restore(path), old)
     # A later save cleans up and succeeds.
     new = {"w": _w((3, 3))}
@@ -416,7 +416,7 @@ def test_killed_first_save_is_not_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"unfinished save \(fresh\.orbax-checkpoint-tmp"):
         checkpoint.restore(tmp_path / "fresh")
     with pytest.raises(ValueError, match="unfinished Orbax save"):
-        checkpoint.restore(tmp_path / f"fresh{checkpoint._TMP_SUFFIX}")
+        checkpoint.restore(tmp_path / f"fresh{TMP_SUFFIX}")
     checkpoint.save(tmp_path / "fresh", {"w": jnp.ones(2)})  # retrying works
     assert_identical(checkpoint.restore(tmp_path / "fresh"), {"w": jnp.ones(2)})
 
@@ -447,6 +447,13 @@ def test_checkpoint_sizes_experiment_smoke(tmp_path):
 
 
 def test_public_names():
-    assert checkpoint.__all__ == ["CheckpointManager", "metadata", "restore", "save"]
-    for name in checkpoint.__all__:
+    assert checkpoint.__all__ == [
+        "FORMAT",
+        "FORMAT_VERSION",
+        "CheckpointManager",
+        "metadata",
+        "restore",
+        "save",
+    ]
+    for name in ("CheckpointManager", "metadata", "restore", "save"):
         assert callable(getattr(checkpoint, name))

@@ -1,8 +1,8 @@
 """`CheckpointManager`: numbered checkpoints for training runs, on Orbax's ``CheckpointManager``.
 
 Each step is a directory ``<directory>/<step>`` with the same two items as
-:func:`jaxquant.io.checkpoint.save` (``arrays`` and the ``jaxquant`` JSON description), so a
-single step can also be read with :func:`jaxquant.io.checkpoint.restore`. Orbax keeps the last
+:func:`jaxquant.checkpoint.save` (``arrays`` and the ``jaxquant`` JSON description), so a
+single step can also be read with :func:`jaxquant.checkpoint.restore`. Orbax keeps the last
 ``max_to_keep`` steps, writes in the background (``save`` returns once the arrays are copied to
 host memory), and finalizes each step with an atomic rename: a step whose save was
 interrupted is never listed, and the steps before it stay intact.
@@ -22,7 +22,8 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-from jaxquant.io import checkpoint as _ckpt
+from jaxquant.checkpoint.common import restore_with, save_args
+from jaxquant.checkpoint.tree_codec import ARRAYS_ITEM, META_ITEM, encode
 
 __all__ = ["CheckpointManager"]
 
@@ -70,8 +71,8 @@ class CheckpointManager:
             self.directory,
             options=options,
             item_handlers={
-                _ckpt.ARRAYS_ITEM: ocp.StandardCheckpointHandler(),
-                _ckpt.META_ITEM: ocp.JsonCheckpointHandler(),
+                ARRAYS_ITEM: ocp.StandardCheckpointHandler(),
+                META_ITEM: ocp.JsonCheckpointHandler(),
             },
         )
 
@@ -92,9 +93,9 @@ class CheckpointManager:
             ``force=True`` on a step that is already saved.
         """
         step = int(step)
-        arrays, meta = _ckpt._encode(tree)
+        arrays, meta = encode(tree)
         try:
-            return self._manager.save(step, args=_ckpt._save_args(arrays, meta), force=force)
+            return self._manager.save(step, args=save_args(arrays, meta), force=force)
         except ocp.checkpoint_manager.StepAlreadyExistsError as e:
             raise ValueError(
                 f"step {step} is already saved in {self.directory}; saved steps are never "
@@ -106,7 +107,7 @@ class CheckpointManager:
 
         Args:
           step: the step to read, or None for :meth:`latest_step`.
-          target: as in :func:`jaxquant.io.checkpoint.restore`; required when the tree holds
+          target: as in :func:`jaxquant.checkpoint.restore`; required when the tree holds
             custom pytree nodes such as optax states (e.g. ``jax.eval_shape`` of the state).
 
         Raises:
@@ -130,14 +131,14 @@ class CheckpointManager:
             )
 
         def read_meta():
-            args = ocp.args.Composite(**{_ckpt.META_ITEM: ocp.args.JsonRestore()})
-            return self._manager.restore(step, args=args)[_ckpt.META_ITEM]
+            args = ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()})
+            return self._manager.restore(step, args=args)[META_ITEM]
 
         def read_arrays(abstract: dict) -> dict:
-            args = ocp.args.Composite(**{_ckpt.ARRAYS_ITEM: ocp.args.StandardRestore(abstract)})
-            return self._manager.restore(step, args=args)[_ckpt.ARRAYS_ITEM]
+            args = ocp.args.Composite(**{ARRAYS_ITEM: ocp.args.StandardRestore(abstract)})
+            return self._manager.restore(step, args=args)[ARRAYS_ITEM]
 
-        return _ckpt._restore_with(read_meta, read_arrays, target, f"{self.directory} step {step}")
+        return restore_with(read_meta, read_arrays, target, f"{self.directory} step {step}")
 
     def latest_step(self) -> int | None:
         """The newest saved step, or None (see :meth:`all_steps`)."""

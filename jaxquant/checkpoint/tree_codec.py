@@ -12,7 +12,7 @@ A checkpoint is a plain Orbax ``CompositeCheckpointHandler`` directory with two 
 This module maps a tree to those two items (:func:`_encode`) and back: :func:`_plan` checks a
 restore target against the description and returns the abstract arrays to ask Orbax for and a
 function rebuilding the tree from them, so nothing is ever unpickled. The Orbax reads and writes
-themselves are in :mod:`jaxquant.io.checkpoint`.
+themselves are in :mod:`jaxquant.checkpoint.checkpoint`.
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
     return out
 
 
-def _encode(tree: PyTree) -> tuple[dict, dict]:
+def encode(tree: PyTree) -> tuple[dict, dict]:
     """Splits ``tree`` into the nested dict of arrays Orbax stores and the JSON description."""
     arrays: dict = {}
     structure = _encode_node(tree, (), arrays)
@@ -338,7 +338,7 @@ def _match_structure(ck_paths: list[str], tg_paths: list[str]) -> None:
         raise ValueError(f"{_show(c or t)}: leaves are in a different order than in the target.")
 
 
-def _plan(meta: dict, target: PyTree | None) -> tuple[dict, Callable[[dict], PyTree]]:
+def plan(meta: dict, target: PyTree | None) -> tuple[dict, Callable[[dict], PyTree]]:
     """The abstract ``arrays`` item to ask Orbax for, and a function rebuilding the tree."""
     structure = meta["tree"]
     ck_leaves = [n for n in _walk(structure) if n["type"] in _LEAF_TYPES]
@@ -427,7 +427,7 @@ def _plan(meta: dict, target: PyTree | None) -> tuple[dict, Callable[[dict], PyT
     return _nest(abstract), rebuild
 
 
-def _check_meta(meta: Any, where: str) -> dict:
+def check_meta(meta: Any, where: str) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "tree" not in meta:
         raise ValueError(
             f"{where}: the {META_ITEM!r} item is not jaxquant checkpoint metadata. Was this "

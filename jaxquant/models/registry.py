@@ -8,8 +8,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxquant.io.tokenizer import TextTokenizer, byte_tokenizer
-from jaxquant.io.weights import load_model
+from jaxquant.data.tokenizer import TextTokenizer, byte_tokenizer
+from jaxquant.models.weights import load_model
 from jaxquant.nn.config import TransformerConfig
 from jaxquant.nn.transformer import Transformer
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize, quantize
 
-from jaxquant.io import fetch
-from jaxquant.io.fetch import resolve_model
-from jaxquant.io.gguf_loader import gguf_tensor_types, load_gguf
-from jaxquant.io.weights import canonical_shapes, to_params
+from jaxquant.models import fetch
+from jaxquant.models.fetch import resolve_model
+from jaxquant.models.gguf_loader import gguf_tensor_types, load_gguf
+from jaxquant.models.weights import canonical_shapes, to_params
 
 Q = gguf.GGMLQuantizationType
 TINY = dict(vocab=40, d=64, layers=2, heads=4, kv_heads=2, head_dim=16, ffn=96)

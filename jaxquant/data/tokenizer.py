@@ -1,5 +1,8 @@
 """Tokenizers from a GGUF file's metadata or a Hugging Face ``tokenizer.json``.
 
+This module reads no model file itself: :mod:`jaxquant.models` reads the GGUF and hands over its
+``tokenizer.ggml.*`` fields as a plain mapping (``models.load_tokenizer`` does both).
+
 A GGUF file with ``tokenizer.ggml.model = "gpt2"`` carries a GPT-2 style
 byte-level BPE: the token strings (already in the byte-to-unicode alphabet,
 ``Ġ`` for a space), the merges (``"Ġ t"``) and the name of the pre-tokenizer
@@ -24,12 +27,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-
-from jaxquant.io.fetch import resolve_model
-from jaxquant.io.gguf_loader import gguf_field, open_gguf
 
 _LLAMA3_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -74,41 +76,42 @@ def pre_tokenizer_for(name: str) -> pre_tokenizers.PreTokenizer:
     )
 
 
-def tokenizer_from_gguf(path: str | os.PathLike) -> Tokenizer:
-    """Builds the byte-level BPE tokenizer stored in a GGUF file.
+def tokenizer_from_gguf(fields: Mapping[str, Any], where: str = "GGUF") -> Tokenizer:
+    """Builds the byte-level BPE tokenizer described by a GGUF file's metadata.
 
     Args:
-      path: A ``.gguf`` file with ``tokenizer.ggml.model = "gpt2"``.
+      fields: The file's ``tokenizer.ggml.*`` metadata, key -> value
+        (:func:`jaxquant.models.gguf_loader.gguf_metadata`).
+      where: The file's name, for error messages.
 
     Returns:
       A ``tokenizers.Tokenizer``; control tokens are registered as special.
 
     Raises:
-      ValueError: If the file has no GPT-2 style BPE tokenizer.
+      ValueError: If the metadata holds no GPT-2 style BPE tokenizer.
 
     Example:
-      >>> tok = tokenizer_from_gguf(path)  # doctest: +SKIP
+      >>> tok = tokenizer_from_gguf(gguf_metadata(path))  # doctest: +SKIP
       >>> tok.decode(tok.encode("Hello world").ids)  # doctest: +SKIP
       'Hello world'
     """
-    reader = open_gguf(path)
-    kind = gguf_field(reader, "tokenizer.ggml.model")
+    kind = fields.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise ValueError(
-            f"{path}: tokenizer.ggml.model is {kind!r}; only byte-level BPE ('gpt2') is "
+            f"{where}: tokenizer.ggml.model is {kind!r}; only byte-level BPE ('gpt2') is "
             "rebuilt from GGUF. Use tokenizer_from_file with the model's tokenizer.json."
         )
-    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
-    merges = gguf_field(reader, "tokenizer.ggml.merges")
+    tokens = fields.get("tokenizer.ggml.tokens")
+    merges = fields.get("tokenizer.ggml.merges")
     if not tokens or merges is None:
-        raise ValueError(f"{path}: tokenizer.ggml.tokens or tokenizer.ggml.merges is missing.")
+        raise ValueError(f"{where}: tokenizer.ggml.tokens or tokenizer.ggml.merges is missing.")
     vocab = {token: i for i, token in enumerate(tokens)}
     pairs = [tuple(merge.split(" ", 1)) for merge in merges]
     bpe = models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False)
     tokenizer = Tokenizer(bpe)
-    tokenizer.pre_tokenizer = pre_tokenizer_for(gguf_field(reader, "tokenizer.ggml.pre", "gpt2"))
+    tokenizer.pre_tokenizer = pre_tokenizer_for(fields.get("tokenizer.ggml.pre") or "gpt2")
     tokenizer.decoder = decoders.ByteLevel()
-    types = gguf_field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    types = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     kinds = dict(zip(tokens, types, strict=True))
     tokenizer.add_special_tokens(_added(kinds, _CONTROL, special=True))
     tokenizer.add_tokens(_added(kinds, _USER_DEFINED, special=False))
@@ -146,7 +149,7 @@ class TextTokenizer:
       eos_id: End-of-sequence id, or ``None``.
 
     Example:
-      >>> tok = load_tokenizer("smollm2-135m")  # doctest: +SKIP
+      >>> tok = jaxquant.models.load_tokenizer("smollm2-135m")  # doctest: +SKIP
       >>> tok.decode(tok.encode("Hello world"))  # doctest: +SKIP
       'Hello world'
     """
@@ -174,12 +177,11 @@ class TextTokenizer:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
 
     @classmethod
-    def from_gguf(cls, path: str | os.PathLike) -> TextTokenizer:
-        """Wraps :func:`tokenizer_from_gguf`, with BOS/EOS from the metadata."""
-        reader = open_gguf(path)
-        bos = gguf_field(reader, "tokenizer.ggml.bos_token_id")
-        eos = gguf_field(reader, "tokenizer.ggml.eos_token_id")
-        return cls(tokenizer_from_gguf(path), _int_or_none(bos), _int_or_none(eos))
+    def from_gguf(cls, fields: Mapping[str, Any], where: str = "GGUF") -> TextTokenizer:
+        """Wraps :func:`tokenizer_from_gguf`, with BOS/EOS from the same metadata."""
+        bos = fields.get("tokenizer.ggml.bos_token_id")
+        eos = fields.get("tokenizer.ggml.eos_token_id")
+        return cls(tokenizer_from_gguf(fields, where), _int_or_none(bos), _int_or_none(eos))
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike) -> TextTokenizer:
@@ -190,21 +192,6 @@ class TextTokenizer:
         return cls(
             hf, _int_or_none(config.get("bos_token_id")), _int_or_none(config.get("eos_token_id"))
         )
-
-
-def load_tokenizer(name_or_path: str | os.PathLike) -> TextTokenizer:
-    """The tokenizer of a model name, ``.gguf`` file or Hugging Face folder.
-
-    Args:
-      name_or_path: Anything :func:`jaxquant.io.fetch.resolve_model` accepts.
-
-    Returns:
-      A :class:`TextTokenizer`.
-    """
-    path = resolve_model(name_or_path)
-    if path.suffix == ".gguf":
-        return TextTokenizer.from_gguf(path)
-    return TextTokenizer.from_folder(path)
 
 
 def _added(kinds: dict[str, int], kind: int, special: bool) -> list[AddedToken]:

@@ -2,7 +2,7 @@
 
 A checkpoint is a plain Orbax ``CompositeCheckpointHandler`` directory with two items: the
 ``arrays`` (a ``QArray`` stored as its children) and the ``jaxquant`` JSON description of the
-tree; :mod:`jaxquant.io.tree_codec` defines that format. So ``restore(directory)`` rebuilds the
+tree; :mod:`jaxquant.checkpoint.tree_codec` defines that format. So ``restore(directory)`` rebuilds the
 same tree without a target, and nothing is ever unpickled. Orbax writes into a temporary sibling
 and renames it when complete, so an interrupted save never leaves a directory that looks finished.
 
@@ -15,8 +15,7 @@ Example:
   >>> restored = restore("/tmp/ckpt", jax.eval_shape(lambda: tree))   # or into shardings
 
 For training runs (keep the last ``k``, asynchronous saves, resume) see
-:class:`~jaxquant.io.checkpoint_manager.CheckpointManager`, also reachable here as
-``CheckpointManager``.
+:class:`~jaxquant.checkpoint.CheckpointManager`.
 """
 
 from __future__ import annotations
@@ -25,98 +24,29 @@ import os
 import pathlib
 import shutil
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-from jaxquant.io.tree_codec import ARRAYS_ITEM, META_ITEM, _check_meta, _encode, _plan
-from jaxquant.io.tree_codec import FORMAT as FORMAT  # re-exported
-from jaxquant.io.tree_codec import FORMAT_VERSION as FORMAT_VERSION  # re-exported
+from jaxquant.checkpoint.common import (
+    TMP_SUFFIX,
+    checkpointer,
+    read_checked_meta,
+    restore_with,
+    save_args,
+)
+from jaxquant.checkpoint.tree_codec import ARRAYS_ITEM, META_ITEM, encode
 
-# CheckpointManager is resolved lazily by __getattr__ below.
-__all__ = ["CheckpointManager", "metadata", "restore", "save"]  # noqa: F822
-
-try:
-    _TMP_SUFFIX = ocp.path.atomicity_types.TMP_DIR_SUFFIX
-except AttributeError:  # pragma: no cover - older/newer orbax layouts
-    _TMP_SUFFIX = ".orbax-checkpoint-tmp"
+__all__ = ["metadata", "restore", "save"]
 
 PyTree = Any
 
 
-def __getattr__(name: str):
-    # `CheckpointManager` lives in its own module (which imports this one); resolve it lazily.
-    if name == "CheckpointManager":
-        from jaxquant.io.checkpoint_manager import CheckpointManager
-
-        return CheckpointManager
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-# --- reading: errors that say what to do ---------------------------------------------------------
-
-
-def _read_meta(read_meta: Callable[[], Any], where: str) -> dict:
-    try:
-        meta = read_meta()
-    except Exception as e:  # noqa: BLE001 - orbax/json raise many types; re-raise one clear one
-        raise ValueError(
-            f"{where}: could not read the checkpoint metadata ({type(e).__name__}: "
-            f"{_first_line(e)}). The checkpoint is truncated or corrupted; restore an earlier "
-            "one or save it again."
-        ) from e
-    return _check_meta(meta, where)
-
-
-def _restore_with(
-    read_meta: Callable[[], Any],
-    read_arrays: Callable[[dict], dict],
-    target: PyTree | None,
-    where: str,
-) -> PyTree:
-    """Shared by :func:`restore` and the manager: read metadata, check target, read arrays."""
-    abstract, rebuild = _plan(_read_meta(read_meta, where), target)
-    restored: dict = {}
-    if abstract:
-        try:
-            restored = read_arrays(abstract)
-        except Exception as e:  # noqa: BLE001 - tensorstore errors surface as many types
-            raise ValueError(
-                f"{where}: could not read the checkpoint's arrays ({type(e).__name__}: "
-                f"{_first_line(e)}). The checkpoint is truncated or corrupted (a data file is "
-                "missing or cut short); restore an earlier checkpoint or save it again."
-            ) from e
-    return rebuild(restored)
-
-
-def _first_line(e: BaseException, limit: int = 600) -> str:
-    """The gist of an error: its first line, without tensorstore's long spec dump."""
-    s = str(e).strip().splitlines()
-    s = s[0] if s else ""
-    s = s.split(" [tensorstore_spec")[0]
-    return s if len(s) <= limit else s[:limit] + "..."
-
-
-# --- public API ----------------------------------------------------------------------------------
-
-
-def _checkpointer() -> ocp.Checkpointer:
-    return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-
-
-def _save_args(arrays: dict, meta: dict) -> ocp.args.Composite:
-    items = {META_ITEM: ocp.args.JsonSave(meta)}
-    if arrays:
-        items[ARRAYS_ITEM] = ocp.args.StandardSave(arrays)
-    return ocp.args.Composite(**items)
-
-
 def _write(path: pathlib.Path, arrays: dict, meta: dict) -> None:
-    ckptr = _checkpointer()
+    ckptr = checkpointer()
     try:
-        ckptr.save(path, _save_args(arrays, meta))
+        ckptr.save(path, save_args(arrays, meta))
     finally:
         ckptr.close()
 
@@ -149,9 +79,9 @@ def save(directory: str | os.PathLike, tree: PyTree, *, force: bool = False) -> 
       >>> save("/tmp/ckpt", {"w": jnp.ones((4, 4))}, force=True)
     """
     directory = pathlib.Path(os.fspath(directory)).absolute()
-    if _TMP_SUFFIX in directory.name:
-        raise ValueError(f"{directory}: names containing {_TMP_SUFFIX!r} are reserved by Orbax.")
-    arrays, meta = _encode(tree)  # validate everything before touching the disk
+    if TMP_SUFFIX in directory.name:
+        raise ValueError(f"{directory}: names containing {TMP_SUFFIX!r} are reserved by Orbax.")
+    arrays, meta = encode(tree)  # validate everything before touching the disk
     if not directory.exists():
         directory.parent.mkdir(parents=True, exist_ok=True)
         _write(directory, arrays, meta)
@@ -200,7 +130,7 @@ def _missing_message(directory: pathlib.Path) -> str:
     parent = directory.parent
     if parent.is_dir():
         sibs = sorted(p.name for p in parent.iterdir() if p.name.startswith(directory.name + "."))
-        tmp = [s for s in sibs if _TMP_SUFFIX in s or ".jaxquant-new-" in s]
+        tmp = [s for s in sibs if TMP_SUFFIX in s or ".jaxquant-new-" in s]
         old = [s for s in sibs if ".jaxquant-old-" in s]
         if tmp:
             msg += (
@@ -216,9 +146,9 @@ def _missing_message(directory: pathlib.Path) -> str:
 
 
 def _check_directory(directory: pathlib.Path) -> None:
-    if _TMP_SUFFIX in directory.name:
+    if TMP_SUFFIX in directory.name:
         raise ValueError(
-            f"{directory} is an unfinished Orbax save (its name holds {_TMP_SUFFIX!r}); it was "
+            f"{directory} is an unfinished Orbax save (its name holds {TMP_SUFFIX!r}); it was "
             "interrupted before finalizing and can't be restored. Delete it; restore an earlier "
             "checkpoint."
         )
@@ -244,10 +174,10 @@ def metadata(directory: str | os.PathLike) -> dict:
     """The checkpoint's JSON description: tree structure, QArray metadata, shapes and dtypes."""
     directory = pathlib.Path(os.fspath(directory)).absolute()
     _check_directory(directory)
-    ckptr = _checkpointer()
+    ckptr = checkpointer()
     args = ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()})
     try:
-        return _read_meta(lambda: ckptr.restore(directory, args)[META_ITEM], str(directory))
+        return read_checked_meta(lambda: ckptr.restore(directory, args)[META_ITEM], str(directory))
     finally:
         ckptr.close()
 
@@ -276,9 +206,9 @@ def restore(directory: str | os.PathLike, target: PyTree | None = None) -> PyTre
     """
     directory = pathlib.Path(os.fspath(directory)).absolute()
     _check_directory(directory)
-    ckptr = _checkpointer()
+    ckptr = checkpointer()
 
-    def read_meta():
+    def read_meta_item():
         args = ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()})
         return ckptr.restore(directory, args)[META_ITEM]
 
@@ -289,6 +219,6 @@ def restore(directory: str | os.PathLike, target: PyTree | None = None) -> PyTre
         return ckptr.restore(directory, args)[ARRAYS_ITEM]
 
     try:
-        return _restore_with(read_meta, read_arrays, target, str(directory))
+        return restore_with(read_meta_item, read_arrays, target, str(directory))
     finally:
         ckptr.close()

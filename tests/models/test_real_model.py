@@ -20,9 +20,9 @@ import pytest
 
 from jaxquant.eval.generation import generate_text
 from jaxquant.eval.tasks import evaluate
-from jaxquant.io.fetch import resolve_model
-from jaxquant.io.gguf_loader import load_gguf
-from jaxquant.io.models import load
+from jaxquant.models.fetch import resolve_model
+from jaxquant.models.gguf_loader import load_gguf
+from jaxquant.models.registry import load
 from jaxquant.nn.transformer import Transformer
 from jaxquant.ptq.recipe import parse_recipe
 

@@ -94,6 +94,18 @@ def gguf_field(reader: GGUFReader, key: str, default: Any = None) -> Any:
     return value
 
 
+def gguf_metadata(path: str | os.PathLike, prefix: str = "") -> dict[str, Any]:
+    """The metadata of a GGUF file whose key starts with ``prefix``, key -> Python value.
+
+    Example:
+      >>> fields = gguf_metadata(path, "tokenizer.")  # doctest: +SKIP
+      >>> fields["tokenizer.ggml.model"]  # doctest: +SKIP
+      'gpt2'
+    """
+    reader = open_gguf(path)
+    return {key: gguf_field(reader, key) for key in reader.fields if key.startswith(prefix)}
+
+
 def gguf_tensor_types(path: str | os.PathLike) -> dict[str, str]:
     """The storage type of every tensor, for reporting.
 

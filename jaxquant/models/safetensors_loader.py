@@ -46,7 +46,7 @@ def load_hf_folder(folder: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
         shards (bf16, f16 or f32).
 
     Returns:
-      ``(weights, config)`` exactly as :func:`jaxquant.io.gguf_loader.load_gguf`
+      ``(weights, config)`` exactly as :func:`jaxquant.models.gguf_loader.load_gguf`
       returns them (float32, kernels ``[in, out]``), but with
       ``rope_layout="half"``. ``lm_head`` is present only when
       ``tie_word_embeddings`` is false.

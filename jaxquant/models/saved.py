@@ -2,7 +2,7 @@
 
 Layout of ``DIR``::
 
-    DIR/params/         the serving params (jaxquant.io.checkpoint: packed codes + scales)
+    DIR/params/         the serving params (jaxquant.checkpoint: packed codes + scales)
     DIR/jaxquant.json   recipe, source model, base TransformerConfig, versions
 """
 
@@ -14,9 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from jaxquant.eval import tasks
-from jaxquant.io import checkpoint
-from jaxquant.io.models import LoadedModel
+from jaxquant import checkpoint
 from jaxquant.nn.config import TransformerConfig
 from jaxquant.ptq.pipeline import serving_config
 from jaxquant.ptq.recipe import parse_recipe
@@ -25,12 +23,21 @@ SIDECAR = "jaxquant.json"
 _SKIP = ("quant_rules", "attn_qk_config", "attn_pv_config")
 
 
-def save_quantized(out: str | os.PathLike, serve_cfg: TransformerConfig, params: Any,
-                   info: dict, *, force: bool = False) -> Path:
+def save_quantized(
+    out: str | os.PathLike,
+    serve_cfg: TransformerConfig,
+    params: Any,
+    info: dict,
+    *,
+    force: bool = False,
+) -> Path:
     """Writes ``params`` and the sidecar; the previous checkpoint survives a failed save."""
     out = Path(out)
-    base = {f.name: getattr(serve_cfg, f.name) for f in dataclasses.fields(serve_cfg)
-            if f.name not in _SKIP}
+    base = {
+        f.name: getattr(serve_cfg, f.name)
+        for f in dataclasses.fields(serve_cfg)
+        if f.name not in _SKIP
+    }
     checkpoint.save(out / "params", params, force=force)
     sidecar = {"format": 1, "recipe": info["recipe"], "info": info, "transformer_config": base}
     tmp = out / (SIDECAR + ".tmp")
@@ -45,19 +52,9 @@ def load_quantized(directory: str | os.PathLike) -> tuple[TransformerConfig, Any
     side = directory / SIDECAR
     if not side.is_file():
         raise FileNotFoundError(
-            f"{side} is missing: {directory} is not a checkpoint written by `jaxquant ptq --out`.")
+            f"{side} is missing: {directory} is not a checkpoint written by `jaxquant ptq --out`."
+        )
     sidecar = json.loads(side.read_text())
     base = TransformerConfig.from_dict(sidecar["transformer_config"])
     serve_cfg = serving_config(base, parse_recipe(sidecar["recipe"]))
     return serve_cfg, checkpoint.restore(directory / "params"), sidecar
-
-
-def evaluate_checkpoint(model: LoadedModel, directory, *, dataset="ptb", split="test",
-                        **kwargs) -> dict:
-    """Perplexity of a saved quantized model (the tokenizer comes from ``model``)."""
-    cfg, params, sidecar = load_quantized(directory)
-    tokens = tasks.tokens_for(model, dataset, split)
-    ppl = tasks.evaluate_params(cfg, params, tokens, **kwargs)
-    return {"model": model.name, "checkpoint": str(directory), "dataset": dataset,
-            "split": split, "recipe": sidecar["recipe"], **ppl, **tasks.weight_stats(params),
-            "environment": tasks.environment()}

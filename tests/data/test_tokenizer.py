@@ -6,14 +6,19 @@ import gguf
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from jaxquant.io.fetch import resolve_model
-from jaxquant.io.tokenizer import (
-    TextTokenizer,
-    load_tokenizer,
+from jaxquant.data.tokenizer import (
     pre_tokenizer_for,
     tokenizer_from_file,
-    tokenizer_from_gguf,
 )
+from jaxquant.data.tokenizer import tokenizer_from_gguf as _from_fields
+from jaxquant.models.fetch import resolve_model
+from jaxquant.models.gguf_loader import gguf_metadata
+from jaxquant.models.weights import load_tokenizer
+
+
+def tokenizer_from_gguf(path):
+    return _from_fields(gguf_metadata(path, "tokenizer."), str(path))
+
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["H e", "l l", "He ll", "Hell o", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld", "1 2"]
@@ -43,7 +48,7 @@ def write_tokenizer_gguf(path, pre="smollm", model="gpt2"):
 
 
 def test_gguf_bpe_round_trip(tmp_path):
-    tok = TextTokenizer.from_gguf(write_tokenizer_gguf(tmp_path / "t.gguf"))
+    tok = load_tokenizer(write_tokenizer_gguf(tmp_path / "t.gguf"))
     vocab = _vocab()
     ids = tok.encode("Hello world")
     assert [vocab[i] for i in ids] == ["Hello", "Ġworld"]
@@ -55,7 +60,7 @@ def test_gguf_bpe_round_trip(tmp_path):
 
 
 def test_control_tokens_are_matched_whole(tmp_path):
-    tok = TextTokenizer.from_gguf(write_tokenizer_gguf(tmp_path / "t.gguf"))
+    tok = load_tokenizer(write_tokenizer_gguf(tmp_path / "t.gguf"))
     ids = tok.encode("<|im_start|>Hello<|im_end|>")
     assert ids == [1, _vocab().index("Hello"), 2]
 

@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from jaxquant.io.fetch import resolve_model
-from jaxquant.io.gguf_loader import load_gguf
-from jaxquant.io.safetensors_loader import load_hf_folder
-from jaxquant.io.tokenizer import TextTokenizer, load_tokenizer
+from jaxquant.data.tokenizer import TextTokenizer
+from jaxquant.models.fetch import resolve_model
+from jaxquant.models.gguf_loader import gguf_metadata, load_gguf
+from jaxquant.models.safetensors_loader import load_hf_folder
 
 # Canonical layer suffix -> (module path in a block, param name).
 _LAYER_PARAMS = {
@@ -89,7 +89,7 @@ def to_params(weights: dict[str, np.ndarray], config: dict[str, Any]) -> dict[st
     """Nests canonical weights into the Transformer's Flax parameter tree.
 
     Args:
-      weights: Canonical weights (see :func:`jaxquant.io.gguf_loader.load_gguf`).
+      weights: Canonical weights (see :func:`jaxquant.models.gguf_loader.load_gguf`).
       config: Their config dict.
 
     Returns:
@@ -138,12 +138,12 @@ def load_model(
 
     Args:
       name_or_path: A known name (``"smollm2-135m"``), a ``.gguf`` file or a
-        Hugging Face folder (see :func:`jaxquant.io.fetch.resolve_model`).
+        Hugging Face folder (see :func:`jaxquant.models.fetch.resolve_model`).
 
     Returns:
       ``(params, config, tokenizer)``: the Flax parameter tree of
       :func:`to_params`, the config dict, and a
-      :class:`jaxquant.io.tokenizer.TextTokenizer`.
+      :class:`jaxquant.data.tokenizer.TextTokenizer`.
 
     Example:
       >>> params, config, tok = load_model("smollm2-135m")  # doctest: +SKIP
@@ -156,3 +156,18 @@ def load_model(
     else:
         weights, config = load_hf_folder(path)
     return to_params(weights, config), config, load_tokenizer(path)
+
+
+def load_tokenizer(name_or_path: str | os.PathLike) -> TextTokenizer:
+    """The tokenizer of a model name, ``.gguf`` file or Hugging Face folder.
+
+    Args:
+      name_or_path: Anything :func:`jaxquant.models.fetch.resolve_model` accepts.
+
+    Returns:
+      A :class:`~jaxquant.data.tokenizer.TextTokenizer`.
+    """
+    path = resolve_model(name_or_path)
+    if path.suffix == ".gguf":
+        return TextTokenizer.from_gguf(gguf_metadata(path, "tokenizer."), str(path))
+    return TextTokenizer.from_folder(path)

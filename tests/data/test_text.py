@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from jaxquant.io.data import calibration_windows, load_text, tokenize_cached
-from jaxquant.io.tokenizer import TextTokenizer
+from jaxquant.data.text import calibration_windows, load_text, tokenize_cached
+from jaxquant.data.tokenizer import TextTokenizer
 
 # Words per split in Mikolov's PTB LM files (ANCHORS: train 887k, valid 70k, test 79k).
 PTB_WORDS = {"train": 887_521, "valid": 70_390, "test": 78_669}

