@@ -13,6 +13,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 
 from jaxquant.checkpoint.tree_codec import ARRAYS_ITEM, META_ITEM, check_meta, plan
+from jaxquant.errors import CorruptCheckpointError
 
 try:
     TMP_SUFFIX = ocp.path.atomicity_types.TMP_DIR_SUFFIX
@@ -26,7 +27,7 @@ def read_checked_meta(read: Callable[[], Any], where: str) -> dict:
     try:
         meta = read()
     except Exception as e:  # noqa: BLE001 - orbax/json raise many types; re-raise one clear one
-        raise ValueError(
+        raise CorruptCheckpointError(
             f"{where}: could not read the checkpoint metadata ({type(e).__name__}: "
             f"{first_line(e)}). The checkpoint is truncated or corrupted; restore an earlier "
             "one or save it again."
@@ -41,18 +42,33 @@ def restore_with(
     where: str,
 ) -> PyTree:
     """Shared by :func:`restore` and the manager: read metadata, check target, read arrays."""
-    abstract, rebuild = plan(read_checked_meta(read_meta, where), target)
+    meta = read_checked_meta(read_meta, where)
+    try:
+        abstract, rebuild = plan(meta, target)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:  # a damaged description
+        raise CorruptCheckpointError(
+            f"{where}: the checkpoint metadata is damaged ({type(e).__name__}: {first_line(e)}). "
+            "Restore an earlier checkpoint or save it again."
+        ) from e
     restored: dict = {}
     if abstract:
         try:
             restored = read_arrays(abstract)
         except Exception as e:  # noqa: BLE001 - tensorstore errors surface as many types
-            raise ValueError(
+            raise CorruptCheckpointError(
                 f"{where}: could not read the checkpoint's arrays ({type(e).__name__}: "
                 f"{first_line(e)}). The checkpoint is truncated or corrupted (a data file is "
                 "missing or cut short); restore an earlier checkpoint or save it again."
             ) from e
-    return rebuild(restored)
+    try:
+        return rebuild(restored)
+    except CorruptCheckpointError as e:
+        raise CorruptCheckpointError(f"{where}: {e}") from e
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+        raise CorruptCheckpointError(
+            f"{where}: the checkpoint metadata does not match its arrays ({type(e).__name__}: "
+            f"{first_line(e)}). Restore an earlier checkpoint or save it again."
+        ) from e
 
 
 def first_line(e: BaseException, limit: int = 600) -> str:

@@ -7,17 +7,20 @@ A checkpoint is a plain Orbax ``CompositeCheckpointHandler`` directory with two 
   when asymmetric, ``<path>.zero_point``.
 * ``jaxquant``: a JSON document (Orbax ``JsonSave``) describing the tree: containers, the
   ``QArray`` static metadata (qtype, logical shape, dtype, scale layout, pack axis) and every
-  array's shape and dtype by name (``"bfloat16"``, ``"float8_e4m3fn"``, ``"int4"``...).
+  array's shape and dtype by name (``"bfloat16"``, ``"float8_e4m3fn"``, ``"int4"``...) and
+  the sha256 of its values, checked on restore (a flipped byte in a data file is a
+  :class:`~jaxquant.errors.CorruptCheckpointError`, never silently wrong numbers).
 
 This module maps a tree to those two items (:func:`_encode`) and back: :func:`_plan` checks a
 restore target against the description and returns the abstract arrays to ask Orbax for and a
 function rebuilding the tree from them, so nothing is ever unpickled. The Orbax reads and writes
-themselves are in :mod:`jaxquant.checkpoint.checkpoint`.
+themselves are in :mod:`jaxquant.checkpoint.store` and :mod:`jaxquant.checkpoint.common`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxquant.core.qarray import QArray
+from jaxquant.errors import CorruptCheckpointError
 
 FORMAT = "jaxquant.checkpoint"
 FORMAT_VERSION = 1
@@ -76,6 +80,15 @@ def _is_qarray(x) -> bool:
     return isinstance(x, QArray)
 
 
+def array_sha256(x) -> str | None:
+    """The sha256 of an array's values (C order, native bytes), or None when this process does
+    not hold all of it (a multi-process sharded array: nothing to compare against)."""
+    if not getattr(x, "is_fully_addressable", True):
+        return None
+    a = np.ascontiguousarray(np.asarray(x))
+    return hashlib.sha256(a.reshape(-1).view(np.uint8).data).hexdigest()
+
+
 # --- encoding: tree -> (arrays to store, JSON description) ---------------------------------------
 
 
@@ -91,7 +104,11 @@ def _array_desc(x, path: str) -> dict:
             f"{_show(path)}: typed PRNG key arrays can't be saved; save "
             "jax.random.key_data(key) and rebuild it with jax.random.wrap_key_data."
         )
-    return {"shape": [int(d) for d in x.shape], "dtype": _dtype_name(dtype)}
+    desc = {"shape": [int(d) for d in x.shape], "dtype": _dtype_name(dtype)}
+    digest = array_sha256(x)
+    if digest is not None:
+        desc["sha256"] = digest  # verified on restore: a flipped byte is an error, not a result
+    return desc
 
 
 def _encode_leaf(x, path: str, arrays: dict) -> dict:
@@ -374,6 +391,15 @@ def plan(meta: dict, target: PyTree | None) -> tuple[dict, Callable[[dict], PyTr
                 f"metadata says {tuple(desc['shape'])} {desc['dtype']}; the checkpoint is "
                 "inconsistent (were its items written by different saves?)."
             )
+        want = desc.get("sha256")  # absent in checkpoints written before checksums existed
+        if want is not None:
+            got = array_sha256(d)
+            if got is not None and got != want:
+                raise CorruptCheckpointError(
+                    f"array {_show(path)} fails its sha256 check (stored {want[:12]}..., read "
+                    f"{got[:12]}...): a data file under {ARRAYS_ITEM}/ is corrupted (a flipped "
+                    "or overwritten byte). Restore an earlier checkpoint or save it again."
+                )
         return d
 
     def build_leaf(node: dict, restored: dict):
@@ -429,11 +455,17 @@ def plan(meta: dict, target: PyTree | None) -> tuple[dict, Callable[[dict], PyTr
 
 def check_meta(meta: Any, where: str) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "tree" not in meta:
-        raise ValueError(
+        raise CorruptCheckpointError(
             f"{where}: the {META_ITEM!r} item is not jaxquant checkpoint metadata. Was this "
             "checkpoint written by jaxquant.checkpoint.save?"
         )
-    if meta.get("version", 0) > FORMAT_VERSION:
+    version = meta.get("version", 0)
+    if not isinstance(version, int) or not isinstance(meta["tree"], dict):
+        raise CorruptCheckpointError(
+            f"{where}: the checkpoint metadata is damaged (version {version!r}); restore an "
+            "earlier checkpoint or save it again."
+        )
+    if version > FORMAT_VERSION:
         raise ValueError(
             f"{where}: checkpoint format version {meta['version']} is newer than this jaxquant "
             f"reads ({FORMAT_VERSION}); upgrade jaxquant."

@@ -19,6 +19,16 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxquant.errors import NonFiniteError
+
+# exp(x) overflows a float64 above this; a mean NLL that high means a broken model.
+_MAX_NLL = math.log(np.finfo(np.float64).max)
+
+
+def _exp(nll: float) -> float:
+    """``exp(nll)``, ``inf`` instead of an OverflowError."""
+    return math.exp(nll) if nll <= _MAX_NLL else math.inf
+
 
 @dataclasses.dataclass(frozen=True)
 class PerplexityResult:
@@ -83,7 +93,7 @@ def _nll_fn(apply_fn: Callable):
         logits = apply_fn(params, windows).astype(jnp.float32)
         logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
         tgt = jnp.take_along_axis(logp, windows[:, 1:, None], axis=-1)[..., 0]
-        return -jnp.sum(jnp.where(score, tgt, 0.0)), jnp.sum(score)
+        return -jnp.sum(jnp.where(score, tgt, 0.0), axis=1), jnp.sum(score)
 
     return nll
 
@@ -113,7 +123,14 @@ def perplexity(
 
     Returns:
       A :class:`PerplexityResult`.
+
+    Raises:
+      NonFiniteError: a window's loss is NaN or infinite (the message names the window and its
+        tokens), or the mean NLL is so large (> 709) that the perplexity overflows a float.
+        Either means broken weights; it is never reported as a result.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1 (--batch-size), got {batch_size}.")
     windows, score = make_windows(tokens, seq_len, stride, max_tokens)
     nll_fn = _nll_fn(apply_fn)
     total, count = 0.0, 0
@@ -128,14 +145,32 @@ def perplexity(
             w = np.concatenate([w, np.repeat(w[-1:], pad, 0)])
             s = np.concatenate([s, np.zeros((pad,) + s.shape[1:], bool)])
         nll, cnt = nll_fn(params, jnp.asarray(w), jnp.asarray(s))
-        total += float(nll)
+        nll = np.asarray(nll, np.float64)[: min(batch_size, n - i)]
+        bad = np.flatnonzero(~np.isfinite(nll))
+        if bad.size:
+            bar.close()
+            k = i + int(bad[0])
+            start = k * (stride or seq_len)
+            raise NonFiniteError(
+                f"window {k} of {n} (tokens {start}..{start + seq_len - 1}) has a non-finite "
+                f"loss ({nll[bad[0]]}): the model's weights or activations hold NaN/inf (a "
+                "corrupted checkpoint or model file, or a quantization that overflowed). No "
+                "perplexity is reported."
+            )
+        total += float(nll.sum())
         count += int(cnt)
         bar.update(min(batch_size, n - i))
-        bar.set_postfix(ppl=f"{math.exp(total / max(count, 1)):.3f}")
+        bar.set_postfix(ppl=f"{_exp(total / max(count, 1)):.3f}")
     bar.close()
     seconds = time.perf_counter() - t0
     mean = total / max(count, 1)
+    if mean > _MAX_NLL:
+        raise NonFiniteError(
+            f"the mean NLL is {mean:.1f} nats per token, so the perplexity exp({mean:.0f}) "
+            "overflows a float: the model is broken (a corrupted checkpoint or model file?). No "
+            "perplexity is reported."
+        )
     return PerplexityResult(
-        perplexity=math.exp(mean), nll=mean, tokens_scored=count,
+        perplexity=_exp(mean), nll=mean, tokens_scored=count,
         tokens_total=int(min(len(tokens), max_tokens or len(tokens))), windows=n,
         seq_len=seq_len, stride=stride or seq_len, seconds=seconds)
