@@ -244,42 +244,26 @@ def test_serving_bytes_match_the_formula():
     assert jqn.serving_param_bytes(cfg.with_quantization(weight_only("int4", 32))) == i4
 
 
-def test_public_names_import():
-    for name in [
-        "QuantMode",
-        "QDense",
-        "QDenseGeneral",
-        "QEinsum",
-        "QEmbed",
-        "QuantRule",
-        "QuantReport",
-        "quantize_params",
-        "quantized_interceptor",
-        "infer_contracting_axes",
-        "param_bytes",
-        "TransformerConfig",
-        "Transformer",
-        "convert",
-        "calibrate",
-        "ActStats",
-        "act_stats_init",
-        "act_stats_update",
-        "static_scale",
-        "KVCache",
-        "init_kv_cache",
-        "kv_cache_bytes",
-        "prefill",
-        "decode_step",
-        "generate",
-        "sample",
-        "apply_rope",
-        "half_to_adjacent",
-        "adjacent_to_half",
-        "serving_param_bytes",
-        "match_rule",
-    ]:
-        assert hasattr(jqn, name), name
-    assert QuantRule("x", None).config is None
+def test_first_matching_rule_wins_and_a_none_rule_keeps_float(tiny_params):
+    """Rules match module paths and the first match wins: a None rule ahead of a catch-all keeps
+    that one projection float in the serving params, and SERVE runs the mixed tree as TRAIN does.
+    (The public names of ``jaxquant.nn`` are snapshotted in tests/test_public_api.py.)"""
+    rules = (
+        QuantRule(r"^block_0/attn/q_proj$", None),
+        QuantRule(r"(^|/)block_\d+/(attn|mlp)/", weight_only("int4", 32)),
+    )
+    cfg = dataclasses.replace(TINY, quant_rules=rules)
+    sp = jqn.convert(Transformer(cfg), tiny_params)
+    kernel = lambda b, mod, lin: sp[f"block_{b}"][mod][lin]["kernel"]
+    assert not isinstance(kernel(0, "attn", "q_proj"), QArray)
+    np.testing.assert_array_equal(
+        kernel(0, "attn", "q_proj"), tiny_params["block_0"]["attn"]["q_proj"]["kernel"]
+    )
+    for b, mod, lin in [(0, "attn", "k_proj"), (1, "attn", "q_proj"), (0, "mlp", "down_proj")]:
+        assert isinstance(kernel(b, mod, lin), QArray), (b, mod, lin)
+    y_train = fwd(Transformer(cfg), tiny_params, TOKENS)
+    y_serve = fwd(Transformer(cfg, mode=QuantMode.SERVE), sp, TOKENS)
+    np.testing.assert_allclose(y_serve, y_train, rtol=0, atol=reassociation_tol(cfg, y_train))
 
 
 def test_bf16_compute_train_equals_serve(tiny_params):
