@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+DEFAULT_MODEL = "smollm2-135m"
+
 
 def _write_json(path: str | None, result: dict) -> None:
     if path:
@@ -29,7 +31,16 @@ def _cmd_eval(args) -> int:
     from jaxquant.eval import tasks
     from jaxquant.models.registry import load
 
-    model = load(args.model)
+    recipe = _recipe(args.quant)  # a bad recipe fails before the model loads
+    name = args.model
+    if args.checkpoint:
+        from jaxquant.models.saved import recorded_model
+
+        if args.quant:
+            raise ValueError("--quant and --checkpoint exclude each other: the checkpoint is "
+                             "already quantized (its recipe is in its jaxquant.json).")
+        name = name or recorded_model(args.checkpoint)  # the model the checkpoint was made from
+    model = load(name or DEFAULT_MODEL)
     if args.checkpoint:
         from jaxquant.eval.tasks import evaluate_checkpoint
 
@@ -38,7 +49,7 @@ def _cmd_eval(args) -> int:
                                      max_tokens=args.max_tokens, batch_size=args.batch_size)
     else:
         result = tasks.evaluate(
-            model, dataset=args.data, split=args.split, recipe=_recipe(args.quant),
+            model, dataset=args.data, split=args.split, recipe=recipe,
             seq_len=args.seq_len, stride=args.stride, max_tokens=args.max_tokens,
             batch_size=args.batch_size, calib_windows=args.calib_windows,
             calib_len=args.calib_len, seed=args.seed)
@@ -64,6 +75,10 @@ def _cmd_ptq(args) -> int:
     options = PTQOptions(
         gptq=GPTQConfig(damp=args.damp, act_order=not args.no_act_order),
         true_sequential=not args.no_true_sequential)
+    if args.out:  # refuse before minutes of quantizing, not after
+        from jaxquant.models.saved import check_writable
+
+        check_writable(args.out, force=args.force)
     model = load(args.model)
     cfg, params, info = tasks.quantize(model, recipe, dataset=args.data,
                                        calib_windows=args.calib_windows,
@@ -161,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seq-len", type=int, default=2048)
     ev.add_argument("--stride", type=int)
     ev.add_argument("--batch-size", type=int, default=1)
-    ev.set_defaults(func=_cmd_eval)
+    # --model defaults to the checkpoint's own model with --checkpoint, else DEFAULT_MODEL.
+    ev.set_defaults(func=_cmd_eval, model=None)
 
     ptq = sub.add_parser("ptq", help="quantize a model and write an Orbax checkpoint")
     common(ptq)
@@ -198,14 +214,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_args(args) -> None:
+    """Flag values a user can get wrong, checked before any work is done."""
+    if getattr(args, "json", None) and Path(args.json).is_dir():
+        raise ValueError(f"--json {args.json} is a directory; pass a file path, e.g. "
+                         f"{Path(args.json) / 'result.json'}.")
+    for flag in ("batch_size", "max_tokens", "calib_windows", "calib_len"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}.")
+    temperature = getattr(args, "temperature", None)
+    if temperature is not None and not temperature >= 0:  # also NaN
+        raise ValueError(f"--temperature must be >= 0 (0: greedy), got {temperature}.")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command line. Every error a user can cause (bad flags, a missing, corrupt or
+    mismatched file, a failed download: ``ValueError``, which includes
+    :class:`jaxquant.errors.JaxquantError`, and ``OSError``) is one line on stderr and exit
+    status 2; a traceback means a bug in jaxquant."""
     args = build_parser().parse_args(argv)
     if getattr(args, "command", None) == "ptq" and args.method in ("smoothquant", "w8a8"):
         args.qtype = "int8"
     try:
+        _check_args(args)
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"jaxquant {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        print(f"jaxquant {args.command}: error: {lines[0]}", file=sys.stderr)
         return 2
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxquant import data
 from jaxquant.core import QArray
+from jaxquant.errors import JaxquantError
 from jaxquant.eval.perplexity import perplexity
 from jaxquant.models.registry import LoadedModel
 from jaxquant.models.saved import load_quantized
@@ -239,10 +240,47 @@ def markdown_table(rows) -> str:
     return "\n".join(lines)
 
 
+_SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                 "ffn_dim", "tie_embeddings", "rope_layout")
+
+
+def check_model_matches(model: LoadedModel, cfg: TransformerConfig, params, directory,
+                        recorded: str | None = None) -> None:
+    """Raises a :class:`~jaxquant.errors.JaxquantError` unless ``model`` (its config and
+    tokenizer) fits the checkpoint's config ``cfg`` and ``params``."""
+    made_from = f" (made from --model {recorded})" if recorded else ""
+    fix = (f"Drop --model (the checkpoint records its model) or pass --model {recorded}."
+           if recorded else "Pass the --model the checkpoint was made from.")
+    diff = [f"{f} {getattr(cfg, f)} vs {getattr(model.cfg, f)}" for f in _SHAPE_FIELDS
+            if getattr(cfg, f, None) != getattr(model.cfg, f, None)]
+    if diff:
+        raise JaxquantError(f"checkpoint {directory}{made_from} does not match --model "
+                            f"{model.name}: {', '.join(diff)}. {fix}")
+    vocab = getattr(model.tokenizer, "vocab_size", None)
+    if vocab is not None and vocab > cfg.vocab_size:
+        raise JaxquantError(f"checkpoint {directory}{made_from}: the tokenizer of --model "
+                            f"{model.name} has {vocab} tokens, the checkpoint's embedding "
+                            f"{cfg.vocab_size}. {fix}")
+    embed = params.get("embed", {}).get("embedding") if isinstance(params, dict) else None
+    rows = getattr(embed, "shape", (cfg.vocab_size,))[0]
+    if rows != cfg.vocab_size:
+        raise JaxquantError(f"checkpoint {directory}: its embedding has {rows} rows but its "
+                            f"config says vocab_size {cfg.vocab_size}; the checkpoint is "
+                            "inconsistent. Write it again with `jaxquant ptq --out ... --force`.")
+
+
 def evaluate_checkpoint(model: LoadedModel, directory, *, dataset="ptb", split="test",
                         **kwargs) -> dict:
-    """Perplexity of a saved quantized model (the tokenizer comes from ``model``)."""
+    """Perplexity of a saved quantized model (the tokenizer comes from ``model``).
+
+    Raises:
+      JaxquantError: ``model`` is not the model the checkpoint was made from (its shapes or its
+        tokenizer's vocabulary differ), which would give a meaningless or NaN perplexity.
+    """
     cfg, params, sidecar = load_quantized(directory)
+    check_model_matches(model, cfg, params, directory,
+                        (sidecar.get("info") or {}).get("model") if isinstance(sidecar, dict)
+                        else None)
     tokens = tokens_for(model, dataset, split)
     ppl = evaluate_params(cfg, params, tokens, **kwargs)
     return {"model": model.name, "checkpoint": str(directory), "dataset": dataset,

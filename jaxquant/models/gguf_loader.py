@@ -25,6 +25,8 @@ import numpy as np
 from gguf import GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 
+from jaxquant.errors import CorruptModelFileError, JaxquantError
+
 ARCHITECTURE = "llama"
 
 # GGUF tensor name suffix (after "blk.{i}.") -> (canonical suffix, transpose?).
@@ -60,12 +62,28 @@ def open_gguf(path: str | os.PathLike) -> GGUFReader:
 
     Raises:
       ValueError: If ``path`` is not an existing file.
+      CorruptModelFileError: If the file is not a readable GGUF (truncated or corrupt).
     """
     file = Path(path).expanduser().resolve()
     if not file.is_file():
         raise ValueError(f"No GGUF file at {path}; pass the path of an existing .gguf file.")
     stat = file.stat()
-    return _cached_reader(str(file), stat.st_size, stat.st_mtime_ns)
+    try:
+        return _cached_reader(str(file), stat.st_size, stat.st_mtime_ns)
+    except JaxquantError:
+        raise
+    except Exception as e:  # noqa: BLE001 - gguf raises many types on bad bytes; name the file
+        raise corrupt_gguf(path, e) from e
+
+
+def corrupt_gguf(path: str | os.PathLike, e: BaseException, what: str = "") -> JaxquantError:
+    """The error for a GGUF file that fails to parse: names the file and what to do."""
+    gist = (str(e).strip().splitlines() or [""])[0][:300]
+    return CorruptModelFileError(
+        f"{path}: not a readable GGUF file{what} ({type(e).__name__}: {gist}); it is truncated "
+        "or corrupt. Download or convert it again (a fetched model is re-checked against its "
+        "sha256 on the next run)."
+    )
 
 
 @functools.lru_cache(maxsize=2)
@@ -155,13 +173,24 @@ def load_gguf(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str,
       ((576, 576), 30)
     """
     reader = open_gguf(path)
-    config = _config(reader, path)
+    try:
+        config = _config(reader, path)
+    except JaxquantError:
+        raise
+    except Exception as e:  # noqa: BLE001 - damaged metadata values: name the file
+        raise corrupt_gguf(path, e, " (its metadata)") from e
     weights = {}
     for tensor in reader.tensors:
         name, transpose = _canonical_name(tensor.name, path)
-        array = dequantize(tensor.data, tensor.tensor_type)
-        # np.array copies: F32 tensors would otherwise be read-only views of the memmap.
-        weights[name] = np.array(array.T if transpose else array, dtype=np.float32, order="C")
+        try:
+            array = dequantize(tensor.data, tensor.tensor_type)
+            want = tuple(int(d) for d in reversed(tensor.shape))
+            if array.shape != want and int(np.prod(array.shape)) != int(np.prod(want)):
+                raise ValueError(f"{array.shape} values where the header says {want}")
+            # np.array copies: F32 tensors would otherwise be read-only views of the memmap.
+            weights[name] = np.array(array.T if transpose else array, dtype=np.float32, order="C")
+        except Exception as e:  # noqa: BLE001 - a cut-short data region fails in many ways
+            raise corrupt_gguf(path, e, f" (tensor {tensor.name})") from e
     config["tie_embeddings"] = "lm_head" not in weights
     if "embed" in weights and weights["embed"].shape[0] != config["vocab_size"]:
         raise ValueError(

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file
 
+from jaxquant.errors import CorruptModelFileError, JaxquantError
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 
 # HF suffix after "model.layers.{i}." -> (canonical suffix, transpose?).
@@ -66,7 +68,15 @@ def load_hf_folder(folder: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
         raise ValueError(f"No *.safetensors files in {root}; download the model weights there.")
     weights = {}
     for shard in shards:
-        for hf_name, array in load_file(os.fspath(shard)).items():
+        try:
+            tensors = load_file(os.fspath(shard))
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, MemoryError...
+            gist = (str(e).strip().splitlines() or [""])[0][:300]
+            raise CorruptModelFileError(
+                f"{shard}: not a readable safetensors file ({type(e).__name__}: {gist}); it is "
+                "truncated or corrupt. Download it again."
+            ) from e
+        for hf_name, array in tensors.items():
             if hf_name.endswith(_IGNORED_SUFFIXES):
                 continue
             name, transpose = _canonical_name(hf_name, root)
@@ -97,21 +107,45 @@ def hf_config(folder: str | os.PathLike) -> dict[str, Any]:
     file = Path(folder) / "config.json"
     if not file.is_file():
         raise ValueError(f"No config.json in {folder}; it must be a Hugging Face model folder.")
-    hf = json.loads(file.read_text())
+    try:
+        hf = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CorruptModelFileError(
+            f"{file}: not valid JSON ({e}); download the model's config.json again."
+        ) from e
+    if not isinstance(hf, dict):
+        raise CorruptModelFileError(f"{file}: expected a JSON object; download it again.")
+    try:
+        return _config_from(hf, file)
+    except KeyError as e:
+        raise CorruptModelFileError(
+            f"{file}: incomplete, the key {e.args[0]!r} is missing (a LLaMA config.json needs "
+            "hidden_size, num_attention_heads, num_hidden_layers, intermediate_size and "
+            "vocab_size); download the model's config.json again."
+        ) from e
+    except JaxquantError:
+        raise
+    except (TypeError, ValueError, AttributeError, ArithmeticError) as e:
+        raise CorruptModelFileError(
+            f"{file}: a value has the wrong type ({e}); download the model's config.json again."
+        ) from e
+
+
+def _config_from(hf: dict, file: Path) -> dict[str, Any]:
     model_type = hf.get("model_type", "llama")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
+        raise JaxquantError(
             f"{file}: model_type {model_type!r} is not supported; expected one of "
             f"{SUPPORTED_MODEL_TYPES}."
         )
     scaling = hf.get("rope_scaling") or {}
     if scaling and scaling.get("rope_type", scaling.get("type")) != "default":
-        raise ValueError(
+        raise JaxquantError(
             f"{file}: rope_scaling {hf['rope_scaling']} is not supported; only plain RoPE "
             "(rope_scaling null) models can be loaded."
         )
     if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ValueError(f"{file}: attention_bias / mlp_bias models are not supported.")
+        raise JaxquantError(f"{file}: attention_bias / mlp_bias models are not supported.")
     d_model = int(hf["hidden_size"])
     n_heads = int(hf["num_attention_heads"])
     return {

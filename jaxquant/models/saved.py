@@ -4,6 +4,11 @@ Layout of ``DIR``::
 
     DIR/params/         the serving params (jaxquant.checkpoint: packed codes + scales)
     DIR/jaxquant.json   recipe, source model, base TransformerConfig, versions
+
+The two are one atomic unit: :func:`save_quantized` writes both into a staging folder next to
+``DIR`` and swaps it in with two renames, so a killed save never pairs new params with an old
+sidecar. A crash between the two renames leaves the finished new folder under its staging name;
+:func:`load_quantized` recognises it, finishes the swap and uses it.
 """
 
 from __future__ import annotations
@@ -11,10 +16,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
 from jaxquant import checkpoint
+from jaxquant.errors import CorruptCheckpointError, JaxquantError
 from jaxquant.nn.config import TransformerConfig
 from jaxquant.ptq.pipeline import serving_config
 from jaxquant.ptq.recipe import parse_recipe
@@ -31,30 +40,135 @@ def save_quantized(
     *,
     force: bool = False,
 ) -> Path:
-    """Writes ``params`` and the sidecar; the previous checkpoint survives a failed save."""
-    out = Path(out)
+    """Writes ``params`` and the sidecar as one unit; the previous checkpoint survives a failed
+    save (see the module docstring). Raises FileExistsError when ``out`` exists and not ``force``
+    (call :func:`check_writable` before long work to fail early)."""
+    out = Path(out).absolute()
+    _recover(out)
+    check_writable(out, force=force)
+    _remove_leftovers(out)
+    staging = out.with_name(f"{out.name}{_NEW}{uuid.uuid4().hex[:8]}")
     base = {
         f.name: getattr(serve_cfg, f.name)
         for f in dataclasses.fields(serve_cfg)
         if f.name not in _SKIP
     }
-    checkpoint.save(out / "params", params, force=force)
+    checkpoint.save(staging / "params", params)
     sidecar = {"format": 1, "recipe": info["recipe"], "info": info, "transformer_config": base}
-    tmp = out / (SIDECAR + ".tmp")
+    tmp = staging / (SIDECAR + ".tmp")
     tmp.write_text(json.dumps(sidecar, indent=2, default=str))
-    tmp.replace(out / SIDECAR)
+    tmp.replace(staging / SIDECAR)  # the staging folder is complete from here on
+    _swap(staging, out)
     return out
 
 
-def load_quantized(directory: str | os.PathLike) -> tuple[TransformerConfig, Any, dict]:
-    """Reads a checkpoint of :func:`save_quantized`: ``(serve_cfg, params, sidecar)``."""
-    directory = Path(directory)
+_NEW = ".jaxquant-new-"
+_OLD = ".jaxquant-old-"
+
+
+def check_writable(out: str | os.PathLike, *, force: bool = False) -> None:
+    """Raises unless :func:`save_quantized` may write ``out`` (cheap: run it before quantizing).
+
+    Raises:
+      FileExistsError: ``out`` exists and ``force`` is False (the message names ``--force``).
+      JaxquantError: ``out`` exists but is not a checkpoint of this module, so ``force`` would
+        delete someone's folder.
+    """
+    out = Path(out).absolute()
+    _recover(out)
+    if not out.exists():
+        return
+    if not force:
+        raise FileExistsError(
+            f"{out} already exists. Pass --force to replace it (force=True in Python; the old "
+            "checkpoint is kept until the new one is complete), or choose another --out."
+        )
+    if not out.is_dir() or (any(out.iterdir()) and not (out / SIDECAR).is_file()):
+        raise JaxquantError(
+            f"{out} exists and is not a `jaxquant ptq --out` checkpoint (no {SIDECAR}); refusing "
+            "to replace it even with --force. Delete it yourself or choose another --out."
+        )
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / SIDECAR).is_file() and (folder / "params").is_dir()
+
+
+def _swap(staging: Path, out: Path) -> None:
+    """Moves the complete ``staging`` folder to ``out``, replacing what was there."""
+    if out.exists():
+        old = out.with_name(f"{out.name}{_OLD}{staging.name.rsplit(_NEW, 1)[-1]}")
+        os.rename(out, old)
+        # A crash here leaves no `out`, but a complete `staging`: see _recover.
+        os.rename(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staging, out)
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Deletes staging and moved-aside folders of interrupted saves next to an intact ``out``."""
+    if out.exists():
+        for p in out.parent.glob(f"{out.name}.jaxquant-*"):
+            if _NEW in p.name or _OLD in p.name:
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _recover(directory: Path) -> None:
+    """If a save crashed between its two renames, finishes it (the new folder is complete)."""
+    if directory.exists() or not directory.parent.is_dir():
+        return
+    done = [p for p in directory.parent.glob(f"{directory.name}{_NEW}*") if _complete(p)]
+    if not done:
+        return
+    newest = max(done, key=lambda p: (p / SIDECAR).stat().st_mtime_ns)
+    print(
+        f"jaxquant: {directory} was being replaced when a save was interrupted; using the "
+        f"finished new checkpoint {newest.name}",
+        file=sys.stderr,
+    )
+    os.rename(newest, directory)
+    _remove_leftovers(directory)
+
+
+def recorded_model(directory: str | os.PathLike) -> str | None:
+    """The model a checkpoint of :func:`save_quantized` was made from (its ``--model``), if
+    recorded; reads only the sidecar."""
+    directory = Path(directory).absolute()
+    _recover(directory)
     side = directory / SIDECAR
     if not side.is_file():
         raise FileNotFoundError(
             f"{side} is missing: {directory} is not a checkpoint written by `jaxquant ptq --out`."
         )
-    sidecar = json.loads(side.read_text())
+    try:
+        info = json.loads(side.read_text()).get("info", {})
+    except (ValueError, UnicodeDecodeError, AttributeError) as e:
+        raise CorruptCheckpointError(
+            f"{side} is damaged ({e}); write the checkpoint again with `jaxquant ptq --out`."
+        ) from e
+    model = info.get("model") if isinstance(info, dict) else None
+    return model if isinstance(model, str) else None
+
+
+def load_quantized(directory: str | os.PathLike) -> tuple[TransformerConfig, Any, dict]:
+    """Reads a checkpoint of :func:`save_quantized`: ``(serve_cfg, params, sidecar)``."""
+    directory = Path(directory).absolute()
+    _recover(directory)
+    side = directory / SIDECAR
+    if not side.is_file():
+        raise FileNotFoundError(
+            f"{side} is missing: {directory} is not a checkpoint written by `jaxquant ptq --out`."
+        )
+    try:
+        sidecar = json.loads(side.read_text())
+        if not isinstance(sidecar, dict) or "recipe" not in sidecar:
+            raise ValueError("not a JSON object with a recipe")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CorruptCheckpointError(
+            f"{side} is damaged ({e}); it holds the recipe and model config of {directory}. "
+            "Write the checkpoint again with `jaxquant ptq --out ... --force`."
+        ) from e
     base = TransformerConfig.from_dict(sidecar["transformer_config"])
     serve_cfg = serving_config(base, parse_recipe(sidecar["recipe"]))
     return serve_cfg, checkpoint.restore(directory / "params"), sidecar
