@@ -142,6 +142,19 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from jaxquant.models.gguf_export import ExportOptions, export_gguf
+
+    result = export_gguf(args.checkpoint, args.out, source=args.model,
+                         options=ExportOptions(float_type=args.float_type))
+    types = ", ".join(f"{n} {t}" for t, n in sorted(result["tensor_types"].items()))
+    print(f"wrote {result['path']}: {result['file_type']} ({types}), "
+          f"{result['bytes'] / 1e6:.1f} MB, recipe {result['recipe']}, metadata from "
+          f"{result['source']}")
+    _write_json(args.json, result)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxquant", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -204,6 +217,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     gen.add_argument("--kv-cache", choices=["float", "int8", "int4"], default="float")
     gen.set_defaults(func=_cmd_generate)
+
+    ex = sub.add_parser("export", help="write a checkpoint as a llama.cpp GGUF file "
+                                       "(Q4_0 / Q4_1 / Q8_0 blocks, tokenizer included)")
+    ex.add_argument("--checkpoint", required=True, help="directory of `jaxquant ptq --out`")
+    ex.add_argument("--format", default="gguf", choices=["gguf"])
+    ex.add_argument("--out", required=True, help="the .gguf file to write")
+    ex.add_argument("--model", help="source model for tokenizer and metadata "
+                                    "(default: the checkpoint's --model)")
+    ex.add_argument("--float-type", choices=["f32", "f16"], default="f32",
+                    help="float matrices (embedding, untied head): f32 is lossless")
+    ex.add_argument("--json", help="write the result as JSON to this path")
+    ex.set_defaults(func=_cmd_export)
 
     be = sub.add_parser("bench", help="dot_general and decode speed, and memory, vs float")
     be.add_argument("--quick", action="store_true",

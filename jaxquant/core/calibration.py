@@ -77,7 +77,8 @@ def calibrate(x: jax.Array, spec: QuantSpec, layout: Layout) -> tuple[jax.Array,
       layout: ``resolve_layout(spec, x.shape)``.
 
     Returns:
-      ``(lo, hi)``, each of ``layout.scale_shape``, float32. Symmetric specs give ``lo = -hi``.
+      ``(lo, hi)``, each of ``layout.scale_shape``, float32. Symmetric specs give ``lo = -hi``
+      (except ``full_range`` ones, which keep the signed min and max).
     """
     xg = to_grouped(x.astype(jnp.float32), layout)
     method = spec.calibration
@@ -89,13 +90,13 @@ def calibrate(x: jax.Array, spec: QuantSpec, layout: Layout) -> tuple[jax.Array,
             r = jnp.percentile(v, q, axis=axes, keepdims=True)
             return r if layout.group_axis is None else jnp.squeeze(r, layout.group_axis + 1)
 
-        if spec.symmetric:
+        if spec.symmetric and not spec.full_range:
             hi = pct(jnp.abs(xg), p)
             return -hi, hi
         return pct(xg, 100.0 - p), pct(xg, p)
     lo = _reduce(jnp.min, xg, layout)
     hi = _reduce(jnp.max, xg, layout)
-    if spec.symmetric:
+    if spec.symmetric and not spec.full_range:
         hi = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
         lo = -hi
     if method == "mse":
@@ -140,9 +141,15 @@ def compute_scale(
     """
     qt = spec.qt
     dtype = jnp.dtype(spec.scale_dtype)
+    if spec.symmetric and spec.full_range:
+        # llama.cpp's Q4_0: the signed extreme maps to qmin (ties go to hi).
+        extreme = jnp.where(jnp.abs(lo) > jnp.abs(hi), lo, hi)
+        scale = _fp16_round(extreme / qt.qmin, spec)
+        scale = jnp.where((scale > 0) | (scale < 0), scale, 1.0).astype(dtype)
+        return scale, None
     if spec.symmetric:
         amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-        scale = amax / qt.max_value
+        scale = _fp16_round(amax / qt.max_value, spec)
         scale = jnp.where(scale > 0, scale, 1.0).astype(dtype)
         return scale, None
     span = hi - lo
@@ -150,9 +157,21 @@ def compute_scale(
     # A constant group (lo == hi == c) takes scale |c|: c / scale = +-1 and the zero point are
     # then small integers, so c comes back exactly instead of losing bits in a float zero point.
     mag = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-    scale = jnp.where(scale > 0, scale, jnp.where(mag > 0, mag, 1.0)).astype(dtype)
+    scale = jnp.where(scale > 0, scale, jnp.where(mag > 0, mag, 1.0))
+    if spec.fp16_scales:  # llama.cpp's Q4_1: f16 d and f16 m = lo, the codes chosen after
+        scale = _fp16_round(scale, spec)
+        scale = jnp.where(scale > 0, scale, 1.0)
+        lo = _fp16_round(lo, spec)
+    scale = scale.astype(dtype)
     zero_point = (qt.qmin - lo / scale.astype(jnp.float32)).astype(dtype)
     return scale, zero_point
+
+
+def _fp16_round(x: jax.Array, spec: QuantSpec) -> jax.Array:
+    """``x`` rounded to the nearest float16 value when ``spec.fp16_scales`` (else ``x``)."""
+    if not spec.fp16_scales:
+        return x
+    return x.astype(jnp.float16).astype(jnp.float32)
 
 
 # --- step 3: codes ------------------------------------------------------------------------------
@@ -198,7 +217,7 @@ def quantize_codes(
             v = v + expand_stat(zero_point, layout).astype(jnp.float32)
             lo, hi = qt.qmin, qt.qmax
         else:
-            lo, hi = -qt.qmax, qt.qmax
+            lo, hi = (qt.qmin if spec.full_range else -qt.qmax), qt.qmax
         q = jnp.clip(round_values(v, spec.rounding, key), lo, hi).astype(jnp.int8)
     elif qt.kind == "float":
         q = jnp.clip(v, -qt.max_value, qt.max_value).astype(qt.storage_dtype)

@@ -37,6 +37,13 @@ class QuantSpec:
       mse_min_ratio: for ``calibration="mse"``, the smallest clip ratio tried, in ``(0, 1)``.
       rounding: ``"nearest"`` or ``"stochastic"`` (then :func:`quantize` needs ``key=``).
       scale_dtype: dtype of the stored scales and zero points.
+      full_range: symmetric int grids use every code ``qmin..qmax``: the scale is the
+        signed extreme of the range divided by ``qmin``, so the largest-magnitude element
+        lands on ``qmin`` exactly (llama.cpp's Q4_0: ``d = max / -8``). The scale may then be
+        negative. False (default): codes ``-qmax..qmax`` and ``scale = absmax / qmax``.
+      fp16_scales: round the scale (and, when asymmetric, the range minimum that the zero
+        point encodes) to float16 *before* the codes are chosen, as llama.cpp's Q4_0, Q4_1
+        and Q8_0 blocks store them. Asymmetric: ``zero_point = qmin - f16(lo) / scale``.
 
     Example:
       >>> spec = QuantSpec(qtype="int4", channel_axes=(1,), group_size=128, group_axis=0)
@@ -53,6 +60,8 @@ class QuantSpec:
     mse_min_ratio: float = 0.5
     rounding: str = "nearest"
     scale_dtype: str = "float32"
+    full_range: bool = False
+    fp16_scales: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "qtype", canonical_qtype(self.qtype))
@@ -102,6 +111,16 @@ class QuantSpec:
             raise ValueError(f"mse_grid must be an int >= 1, got {self.mse_grid!r}.")
         if not 0.0 < float(self.mse_min_ratio) < 1.0:
             raise ValueError(f"mse_min_ratio must be in (0, 1), got {self.mse_min_ratio}.")
+        if not isinstance(self.full_range, bool) or not isinstance(self.fp16_scales, bool):
+            raise ValueError(
+                f"full_range and fp16_scales must be True or False, got {self.full_range!r} "
+                f"and {self.fp16_scales!r}."
+            )
+        if self.full_range and (qt.kind != "int" or not self.symmetric):
+            raise ValueError(
+                f"full_range=True is a symmetric int grid; got qtype={self.qtype}, "
+                f"symmetric={self.symmetric}. Use an int qtype with symmetric=True."
+            )
         if self.scale_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(
                 f"scale_dtype must be 'float32', 'bfloat16' or 'float16', got {self.scale_dtype!r}."

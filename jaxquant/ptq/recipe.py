@@ -1,7 +1,8 @@
 """`Recipe`: what a PTQ run does, and the command line's recipe strings.
 
 A recipe string is ``METHOD:QTYPE[:gSIZE][:asym]`` (``rtn:int4:g128``, ``gptq:int3:g128``,
-``awq:int4:g128``, ``rtn:int4:g32:asym``, ``rtn:int8``), or ``w8a8`` (dynamic int8 weights and
+``awq:int4:g128``, ``rtn:int4:g32:asym``, ``rtn:int8``), a llama.cpp block grid in place of
+``QTYPE:...`` (``gptq:q4_0``, ``rtn:q8_0``, ``awq:q4_1``: see :data:`GGUF_GRIDS`), or ``w8a8`` (dynamic int8 weights and
 activations) and ``smoothquant`` (SmoothQuant folding, then W8A8). It is parsed once, at the
 command line's edge, into a frozen :class:`Recipe`.
 """
@@ -12,8 +13,23 @@ import dataclasses
 
 from jaxquant.core.dot_config import DotGeneralConfig, w8a8, weight_only
 from jaxquant.core.qtypes import canonical_qtype
+from jaxquant.core.spec import QuantSpec
 
 METHODS = ("fp32", "rtn", "gptq", "awq", "awq+gptq", "w8a8", "smoothquant")
+
+# llama.cpp block formats a recipe can target exactly: the QuantSpec fields that put the weights
+# on the format's grid (blocks of 32 inputs, f16 scales chosen before the codes), so that
+# `jaxquant export --format gguf` hands over the very weights jaxquant evaluated.
+GGUF_GRIDS = {
+    # d = max / -8 (the signed extreme lands on code -8), codes -8..7.
+    "q4_0": dict(qtype="int4", group_size=32, symmetric=True, full_range=True,
+                 fp16_scales=True, scale_dtype="float16"),
+    # d = (max - min) / 15, m = min, both f16; codes 0..15 (stored -8..7 with a zero point).
+    "q4_1": dict(qtype="int4", group_size=32, symmetric=False, fp16_scales=True),
+    # d = absmax / 127, codes -127..127.
+    "q8_0": dict(qtype="int8", group_size=32, symmetric=True, fp16_scales=True,
+                 scale_dtype="float16"),
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -27,6 +43,8 @@ class Recipe:
       symmetric: False adds a zero point per group.
       mse_clip: RTN with the MSE clip search.
       alpha: SmoothQuant's migration strength.
+      grid: None, or a llama.cpp block grid of :data:`GGUF_GRIDS` (``"q4_0"``): it fixes
+        ``qtype``, ``group_size`` and ``symmetric``.
     """
 
     method: str = "rtn"
@@ -35,10 +53,20 @@ class Recipe:
     symmetric: bool = True
     mse_clip: bool = False
     alpha: float = 0.5
+    grid: str | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"Unknown method {self.method!r}; use one of {METHODS}.")
+        if self.grid is not None:
+            if self.grid not in GGUF_GRIDS:
+                raise ValueError(f"Unknown grid {self.grid!r}; use one of {sorted(GGUF_GRIDS)}.")
+            if self.method not in ("rtn", "gptq", "awq", "awq+gptq"):
+                raise ValueError(f"{self.method} cannot target the {self.grid} grid; use rtn, "
+                                 "gptq, awq or awq+gptq.")
+            g = GGUF_GRIDS[self.grid]
+            for k in ("qtype", "group_size", "symmetric"):
+                object.__setattr__(self, k, g[k])
         object.__setattr__(self, "qtype", canonical_qtype(self.qtype))
         if self.method in ("w8a8", "smoothquant") and self.qtype != "int8":
             raise ValueError(f"{self.method} is int8 weights and activations; got {self.qtype}.")
@@ -55,12 +83,16 @@ class Recipe:
         if self.method in ("w8a8", "smoothquant"):
             return w8a8()
         cal = "mse" if self.mse_clip else "absmax"
+        if self.grid is not None:
+            return DotGeneralConfig(rhs=QuantSpec(calibration=cal, **GGUF_GRIDS[self.grid]))
         return weight_only(self.qtype, self.group_size, symmetric=self.symmetric, calibration=cal)
 
     @property
     def name(self) -> str:
         if self.method in ("fp32", "w8a8", "smoothquant"):
             return self.method
+        if self.grid is not None:
+            return ":".join([self.method, self.grid] + (["mse"] if self.mse_clip else []))
         parts = [self.method, self.qtype]
         if self.group_size:
             parts.append(f"g{self.group_size}")
@@ -94,6 +126,11 @@ def parse_recipe(text: str) -> Recipe:
     if len(parts) < 2:
         raise ValueError(f"Recipe {text!r} lacks a qtype (e.g. {method}:int4:g128).")
     kw = dict(method=method, qtype=parts[1])
+    if parts[1] in GGUF_GRIDS:
+        kw = dict(method=method, grid=parts[1])
+        if bad := [p for p in parts[2:] if p != "mse"]:
+            raise ValueError(f"{parts[1]} fixes groups of 32 and its own zero point; drop "
+                             f"{':'.join(bad)!r} from {text!r} (only :mse may follow).")
     for p in parts[2:]:
         if p.startswith("g") and p[1:].isdigit():
             kw["group_size"] = int(p[1:])
