@@ -64,8 +64,8 @@ SNAPSHOT: dict[str, tuple[str, ...]] = {
         "CheckpointManager", "FORMAT", "FORMAT_VERSION", "metadata", "restore", "save",
     ),
     "jaxquant.models": (
-        "LoadedModel", "load", "load_model", "load_quantized", "load_tokenizer", "resolve_model",
-        "save_quantized",
+        "LoadedModel", "export_gguf", "load", "load_model", "load_quantized", "load_tokenizer",
+        "resolve_model", "save_quantized",
     ),
     "jaxquant.data": (
         "DATASETS", "TextTokenizer", "byte_tokenizer", "cache_dir", "calibration_windows",
