@@ -68,10 +68,16 @@ def _cmd_ptq(args) -> int:
     from jaxquant.models.saved import save_quantized
     from jaxquant.ptq.gptq import GPTQConfig
     from jaxquant.ptq.pipeline import PTQOptions
-    from jaxquant.ptq.recipe import Recipe
+    from jaxquant.ptq.recipe import GGUF_GRIDS, Recipe
 
-    recipe = Recipe(method=args.method, qtype=args.qtype, group_size=args.group_size,
-                    symmetric=not args.asym, mse_clip=args.mse)
+    if args.qtype in GGUF_GRIDS:  # a llama.cpp block grid (q4_0...) fixes groups and symmetry
+        if args.group_size or args.asym:
+            raise ValueError(f"--qtype {args.qtype} fixes groups of 32 and the zero point; "
+                             "drop --group-size and --asym.")
+        recipe = Recipe(method=args.method, grid=args.qtype, mse_clip=args.mse)
+    else:
+        recipe = Recipe(method=args.method, qtype=args.qtype, group_size=args.group_size,
+                        symmetric=not args.asym, mse_clip=args.mse)
     options = PTQOptions(
         gptq=GPTQConfig(damp=args.damp, act_order=not args.no_act_order),
         true_sequential=not args.no_true_sequential)
@@ -196,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(ptq)
     ptq.add_argument("--method", required=True,
                      choices=["rtn", "gptq", "awq", "awq+gptq", "smoothquant", "w8a8"])
-    ptq.add_argument("--qtype", default="int4")
+    ptq.add_argument("--qtype", default="int4",
+                     help="int2..int8, nf4, fp8..., or a llama.cpp grid q4_0 | q4_1 | q8_0")
     ptq.add_argument("--group-size", type=int)
     ptq.add_argument("--asym", action="store_true", help="zero points (asymmetric)")
     ptq.add_argument("--mse", action="store_true", help="MSE clip search for the scales")
