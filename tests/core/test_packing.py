@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import jax
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -56,17 +57,24 @@ def test_pack_unpack_is_identity(case):
     np.testing.assert_array_equal(np.asarray(back), codes)
 
 
-@pytest.mark.parametrize("bits", [2, 4])
-@pytest.mark.parametrize("signed", [True, False])
-@pytest.mark.parametrize("n", [5, 8])  # 5: not a multiple of the codes per byte
-def test_pack_unpack_under_jit(bits, signed, n):
-    lo, hi = code_range(bits, signed)
-    codes = np.arange(3 * n).reshape(3, n) % (hi - lo + 1) + lo
-    codes = codes.astype(np.int8)
-    f = jax.jit(lambda c: jq.unpack(jq.pack(c, bits, 1), bits, 1, n, signed=signed))
-    np.testing.assert_array_equal(np.asarray(f(codes)), codes)
-    packed = jax.jit(lambda c: jq.pack(c, bits, -1))(codes)
-    np.testing.assert_array_equal(np.asarray(packed), np.asarray(jq.pack(codes, bits, -1)))
+class PackUnderJitTest(chex.TestCase):
+    """pack / unpack run jitted and not (chex variants), against the numpy reference layout."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.product(bits=[2, 4], signed=[True, False], n=[5, 8])  # 5: a partial byte
+    def test_pack_unpack(self, bits, signed, n):
+        lo, hi = code_range(bits, signed)
+        codes = (np.arange(3 * n).reshape(3, n) % (hi - lo + 1) + lo).astype(np.int8)
+        packed = self.variant(lambda c: jq.pack(c, bits, -1))(codes)
+        chex.assert_type(packed, jnp.uint8)
+        chex.assert_shape(packed, (3, packed_length(n, bits)))
+        np.testing.assert_array_equal(np.asarray(packed), _reference_pack(codes, bits, -1))
+        round_trip = self.variant(
+            lambda c: jq.unpack(jq.pack(c, bits, 1), bits, 1, n, signed=signed)
+        )
+        back = round_trip(codes)
+        chex.assert_type(back, jnp.int8)
+        chex.assert_trees_all_equal(back, codes)
 
 
 def test_padding_is_zero_and_ignored():
