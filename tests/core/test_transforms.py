@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import jax.test_util
@@ -32,9 +33,9 @@ def _x(seed=0, shape=(8, 6)):
 
 
 def _assert_qarrays_equal(a, b):
-    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    for la, lb in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(la), np.asarray(lb))
+    """Same tree structure (qtype, shape and layout are static metadata) and equal leaves."""
+    chex.assert_trees_all_equal_structs(a, b)
+    chex.assert_trees_all_equal(a, b, strict=True)
 
 
 def _bitwise(spec):
