@@ -67,7 +67,7 @@ def _cmd_ptq(args) -> int:
     from jaxquant.models.registry import load
     from jaxquant.models.saved import save_quantized
     from jaxquant.ptq.gptq import GPTQConfig
-    from jaxquant.ptq.pipeline import PTQOptions
+    from jaxquant.ptq.pipeline import PTQOptions, layer_group_sizes
     from jaxquant.ptq.recipe import GGUF_GRIDS, Recipe
 
     if args.qtype in GGUF_GRIDS:  # a llama.cpp block grid (q4_0...) fixes groups and symmetry
@@ -91,6 +91,11 @@ def _cmd_ptq(args) -> int:
                                        calib_len=args.calib_len, seed=args.seed, options=options)
     result = {"model": args.model, **info, **tasks.weight_stats(params),
               "environment": tasks.environment()}
+    if (groups := layer_group_sizes(model.cfg, recipe)) is not None:
+        result["group_sizes"] = groups  # what each block linear used (recipe.name: what was asked)
+        if set(groups.values()) != {recipe.group_size}:
+            print(f"note: --group-size {recipe.group_size} does not divide every layer's input "
+                  f"width; used the largest divisor below it: {groups}")
     if args.out:
         save_quantized(args.out, cfg, params, result, force=args.force)
         result["out"] = args.out

@@ -51,10 +51,11 @@ SNAPSHOT: dict[str, tuple[str, ...]] = {
         "sample", "serving_param_bytes", "serving_params_shape", "static_scale",
     ),
     "jaxquant.ptq": (
-        "GPTQConfig", "InputStats", "PTQOptions", "Recipe", "clip_quantize", "effective_group",
-        "fold_into_linear", "fold_into_norm", "gptq_quantize", "hessian", "parse_recipe",
-        "quantize_model", "search_alpha", "search_scale", "serving_config", "smooth_scales",
-        "stats_init", "stats_update",
+        "ALGORITHMS", "AWQ", "GPTQ", "GPTQConfig", "InputStats", "PTQAlgorithm", "PTQOptions",
+        "RTN", "Recipe", "SiteInputs", "SmoothQuant", "Stat", "clip_quantize", "compose",
+        "effective_group", "fold_into_linear", "fold_into_norm", "fold_scales", "gptq_quantize",
+        "hessian", "layer_group_sizes", "parse_recipe", "quantize_model", "search_alpha",
+        "search_scale", "serving_config", "smooth_scales", "stats_init", "stats_update",
     ),
     "jaxquant.train": (
         "TrainState", "init_train_state", "make_eval_step", "make_optimizer", "make_schedule",

@@ -80,13 +80,13 @@ def quantize(
     """
     calib = None
     info: dict[str, Any] = {"recipe": recipe.name}
-    if recipe.method in ("gptq", "awq", "awq+gptq", "smoothquant"):
+    options = options or PTQOptions()
+    if recipe.algorithm(options).calibrated:
         stream = tokens_for(model, dataset, "train")
         calib_len = min(calib_len, model.cfg.max_seq_len)
         calib = data.calibration_windows(stream, calib_windows, calib_len, seed)
         info["calibration"] = {"dataset": dataset, "split": "train", "windows": calib_windows,
                                "length": calib_len, "seed": seed}
-    options = options or PTQOptions()
     if calib is not None:
         info["options"] = dataclasses.asdict(options)
     cfg, params, qinfo = quantize_model(model.cfg, model.params, recipe, calib, options=options,

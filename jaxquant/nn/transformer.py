@@ -33,6 +33,7 @@ from jaxquant.nn.config import TransformerConfig
 from jaxquant.nn.linear import QEmbed
 from jaxquant.nn.modes import QuantMode
 from jaxquant.nn.rules import config_for, module_path, param_bytes
+from jaxquant.nn.sites import Site, SiteTable
 
 
 class RMSNorm(nn.Module):
@@ -175,3 +176,37 @@ def serving_param_bytes(cfg: TransformerConfig) -> int:
       >>> serving_param_bytes(TransformerConfig.smollm2_135m().with_quantization(w8a8()))  # doctest: +SKIP
     """
     return param_bytes(serving_params_shape(cfg))
+
+
+def _mlp_output(kernels, x, block):
+    """What ``gate_proj`` / ``up_proj`` feed: the MLP's output ``[n, D]`` (AWQ's search target)."""
+    gate, up = kernels
+    return (jax.nn.silu(x @ gate) * (x @ up)) @ block["mlp/down_proj/kernel"]
+
+
+def block_sites(cfg: TransformerConfig) -> SiteTable:
+    """The input sites of a :class:`Block` (what PTQ calibrates on and folds scales into).
+
+    ==========  ============================  ===========================================
+    site        linears                       a scale of the input folds into
+    ==========  ============================  ===========================================
+    attn_in     q_proj, k_proj, v_proj        ``attn_norm``
+    o_in        o_proj                        ``v_proj``'s output columns (not under GQA)
+    mlp_in      gate_proj, up_proj            ``mlp_norm``
+    down_in     down_proj                     ``up_proj``'s output columns
+    ==========  ============================  ===========================================
+
+    Under GQA, ``v_proj``'s ``KV * hd`` outputs are shared by several heads and are not
+    ``o_proj``'s ``H * hd`` inputs one to one, so ``o_in`` has nothing to fold into.
+    """
+    return SiteTable(sites=(
+        Site(name="attn_in", linears=("attn/q_proj", "attn/k_proj", "attn/v_proj"),
+             d_in=cfg.d_model, fold_into="attn_norm/scale",
+             bilinear=("attn/q_proj", "attn/k_proj")),
+        Site(name="o_in", linears=("attn/o_proj",), d_in=cfg.q_dim,
+             fold_into="attn/v_proj/kernel" if cfg.n_heads == cfg.n_kv_heads else None),
+        Site(name="mlp_in", linears=("mlp/gate_proj", "mlp/up_proj"), d_in=cfg.d_model,
+             fold_into="mlp_norm/scale", output=_mlp_output),
+        Site(name="down_in", linears=("mlp/down_proj",), d_in=cfg.ffn_dim,
+             fold_into="mlp/up_proj/kernel"),
+    ))

@@ -10,12 +10,19 @@ For linears that share an input ``x [n, d_in]`` (e.g. q/k/v after the attention 
    columns) ``<- / s``: the float model is unchanged.
 3. **Clip search.** Per output column and group, shrink the range by up to 50% to minimise the
    *output* error ``(x_g . (Q(w_g) - w_g))^2`` on sampled calibration tokens.
+
+As a model-level algorithm (:class:`AWQ`, recipe ``awq:int4:g128``) it searches a scale for
+every site with a fold target (the site table's ``output``, e.g. the whole SwiGLU MLP, is the
+search target), then clip-searches every linear but the ``bilinear`` ones (attention's q and k,
+plain RTN).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +31,7 @@ from jaxquant.core import calibration
 from jaxquant.core.dot_general import operand_spec, quantize_operand
 from jaxquant.core.qarray import QArray, quantize
 from jaxquant.core.spec import QuantSpec, resolve_layout
+from jaxquant.ptq.algorithm import PTQAlgorithm, Stat
 
 
 def fake_quant_kernel(w: jax.Array, spec: QuantSpec) -> jax.Array:
@@ -129,3 +137,32 @@ def clip_quantize(
     full = operand_spec(spec, 2, (0,))
     scale, zp = calibration.compute_scale(lo, hi, full)
     return quantize(jnp.asarray(w), full, scale=scale, zero_point=zp)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AWQ(PTQAlgorithm):
+    """AWQ: scale search and fold at every foldable site, then the clip search per linear."""
+
+    int_only: ClassVar[bool] = True
+
+    @property
+    def fold_needs(self):
+        return frozenset({Stat.SAMPLE, Stat.ABS_MEAN})
+
+    @property
+    def needs(self):
+        return frozenset({Stat.SAMPLE})
+
+    def site_scale(self, site, inputs, kernels, block):
+        block_fn = None
+        if site.output is not None:
+            def block_fn(ks, xx):
+                return site.output(ks, xx, block)
+        s, _ = search_scale(inputs.sample(), kernels, self.weight_spec(site.d_in),
+                            n_grid=self.options.awq_grid, block_fn=block_fn)
+        return s
+
+    def quantize_linear(self, kernel, spec, inputs, *, site, linear):
+        if linear in site.bilinear:
+            return quantize_operand(kernel, spec, (0,))
+        return clip_quantize(inputs.sample(), kernel, spec)

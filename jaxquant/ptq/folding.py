@@ -12,6 +12,22 @@ import jax
 import jax.numpy as jnp
 
 
+def fold_scales(
+    prev: jax.Array, kernels: Sequence[jax.Array], s: jax.Array
+) -> tuple[jax.Array, list[jax.Array]]:
+    """``prev / s`` along its last axis and ``diag(s) W_i``: the float function is unchanged
+    when ``prev``'s last axis is the input channels of the ``kernels`` (an RMSNorm scale
+    ``[d_in]``, or a linear ``[.., d_in]`` feeding them through an elementwise product).
+
+    Args:
+      prev: the param of the op before, ``[..., d_in]``.
+      kernels: kernels ``[d_in, d_out_i]`` fed by that op.
+      s: per-channel scales ``[d_in]``.
+    """
+    s = s.astype(jnp.float32)
+    return prev / s.astype(prev.dtype), [k * s[:, None].astype(k.dtype) for k in kernels]
+
+
 def fold_into_norm(
     norm_scale: jax.Array, kernels: Sequence[jax.Array], s: jax.Array
 ) -> tuple[jax.Array, list[jax.Array]]:
@@ -22,8 +38,7 @@ def fold_into_norm(
       kernels: kernels ``[d_in, d_out_i]`` fed by that norm.
       s: per-channel scales ``[d_in]``.
     """
-    s = s.astype(jnp.float32)
-    return norm_scale / s.astype(norm_scale.dtype), [k * s[:, None].astype(k.dtype) for k in kernels]
+    return fold_scales(norm_scale, kernels, s)
 
 
 def fold_into_linear(
@@ -32,7 +47,4 @@ def fold_into_linear(
     """Like :func:`fold_into_norm` when the input comes from a linear ``prev [.., d_in]``
     through an elementwise product (e.g. ``up`` in SwiGLU feeding ``down``): its output
     columns are divided by ``s``."""
-    s = s.astype(jnp.float32)
-    return prev_kernel / s[None, :].astype(prev_kernel.dtype), [
-        k * s[:, None].astype(k.dtype) for k in kernels
-    ]
+    return fold_scales(prev_kernel, kernels, s)

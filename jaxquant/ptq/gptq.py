@@ -18,12 +18,17 @@ Steps, as in the paper's reference code:
    already-updated weights.
 
 The whole per-layer pass is one jitted function (``lax.fori_loop`` over blocks and columns).
+
+As a model-level algorithm (:class:`GPTQ`, recipe ``gptq:int4:g128``) it needs each site's
+Hessian and, with ``PTQOptions.true_sequential`` (the default), measures it site by site on
+inputs recomputed with the block's earlier linears already quantized.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +38,7 @@ from jaxquant.core import calibration
 from jaxquant.core.dot_general import operand_spec
 from jaxquant.core.qarray import QArray, quantize
 from jaxquant.core.spec import QuantSpec, resolve_layout
+from jaxquant.ptq.algorithm import PTQAlgorithm, Stat
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -218,3 +224,23 @@ def gptq_quantize(
     zp = None if full.symmetric else z_all.astype(jnp.dtype(full.scale_dtype))
     qarr = quantize(q_kernel.astype(w.dtype), full, scale=scale, zero_point=zp)
     return qarr, {"loss": float(loss), "dead": int(dead.sum())}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GPTQ(PTQAlgorithm):
+    """GPTQ on every linear, from its site's Hessian (``PTQOptions.gptq`` settings)."""
+
+    int_only: ClassVar[bool] = True
+
+    @property
+    def needs(self):
+        return frozenset({Stat.HESSIAN})
+
+    @property
+    def sequential(self):
+        return self.options.true_sequential
+
+    def quantize_linear(self, kernel, spec, inputs, *, site, linear):
+        del site, linear
+        q, _ = gptq_quantize(kernel, inputs.hessian(), spec, self.options.gptq)
+        return q

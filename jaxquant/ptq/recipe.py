@@ -2,20 +2,28 @@
 
 A recipe string is ``METHOD:QTYPE[:gSIZE][:asym]`` (``rtn:int4:g128``, ``gptq:int3:g128``,
 ``awq:int4:g128``, ``rtn:int4:g32:asym``, ``rtn:int8``), a llama.cpp block grid in place of
-``QTYPE:...`` (``gptq:q4_0``, ``rtn:q8_0``, ``awq:q4_1``: see :data:`GGUF_GRIDS`), or ``w8a8`` (dynamic int8 weights and
-activations) and ``smoothquant`` (SmoothQuant folding, then W8A8). It is parsed once, at the
-command line's edge, into a frozen :class:`Recipe`.
+``QTYPE:...`` (``gptq:q4_0``, ``rtn:q8_0``, ``awq:q4_1``: see :data:`GGUF_GRIDS`), or a method
+with a fixed format: ``fp32``, ``w8a8`` (dynamic int8 weights and activations) and
+``smoothquant`` (SmoothQuant folding, then W8A8). Methods are the keys of
+:data:`jaxquant.ptq.registry.ALGORITHMS`; what each accepts is said by its algorithm class. A
+string is parsed once, at the command line's edge, into a frozen :class:`Recipe`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from jaxquant.core.dot_config import DotGeneralConfig, w8a8, weight_only
 from jaxquant.core.qtypes import canonical_qtype
 from jaxquant.core.spec import QuantSpec
+from jaxquant.ptq.registry import ALGORITHMS, ALIASES
 
-METHODS = ("fp32", "rtn", "gptq", "awq", "awq+gptq", "w8a8", "smoothquant")
+if TYPE_CHECKING:
+    from jaxquant.ptq.algorithm import PTQAlgorithm
+    from jaxquant.ptq.options import PTQOptions
+
+METHODS = tuple(ALGORITHMS)
 
 # llama.cpp block formats a recipe can target exactly: the QuantSpec fields that put the weights
 # on the format's grid (blocks of 32 inputs, f16 scales chosen before the codes), so that
@@ -32,12 +40,18 @@ GGUF_GRIDS = {
 }
 
 
+def _fixed(method: str) -> bool:
+    """Whether ``method`` has a fixed format (no qtype / group options)."""
+    alg = ALGORITHMS[method]
+    return not alg.quantizes or alg.activations
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Recipe:
     """A post-training quantization recipe.
 
     Attributes:
-      method: one of ``METHODS``.
+      method: one of ``METHODS`` (a key of :data:`~jaxquant.ptq.registry.ALGORITHMS`).
       qtype: weight format (ignored for fp32; int8 for w8a8/smoothquant).
       group_size: None (per output channel) or the group size along the input axis.
       symmetric: False adds a zero point per group.
@@ -56,31 +70,37 @@ class Recipe:
     grid: str | None = None
 
     def __post_init__(self):
-        if self.method not in METHODS:
+        if self.method not in ALGORITHMS:
             raise ValueError(f"Unknown method {self.method!r}; use one of {METHODS}.")
+        alg = ALGORITHMS[self.method]
         if self.grid is not None:
             if self.grid not in GGUF_GRIDS:
                 raise ValueError(f"Unknown grid {self.grid!r}; use one of {sorted(GGUF_GRIDS)}.")
-            if self.method not in ("rtn", "gptq", "awq", "awq+gptq"):
-                raise ValueError(f"{self.method} cannot target the {self.grid} grid; use rtn, "
-                                 "gptq, awq or awq+gptq.")
+            if _fixed(self.method):
+                raise ValueError(f"{self.method} cannot target the {self.grid} grid; use one of "
+                                 f"{', '.join(m for m in METHODS if not _fixed(m))}.")
             g = GGUF_GRIDS[self.grid]
             for k in ("qtype", "group_size", "symmetric"):
                 object.__setattr__(self, k, g[k])
         object.__setattr__(self, "qtype", canonical_qtype(self.qtype))
-        if self.method in ("w8a8", "smoothquant") and self.qtype != "int8":
+        if alg.activations and self.qtype != "int8":
             raise ValueError(f"{self.method} is int8 weights and activations; got {self.qtype}.")
         if self.group_size is not None and self.group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}.")
-        if self.method in ("gptq", "awq", "awq+gptq") and not self.qtype.startswith("int"):
+        if alg.int_only and not self.qtype.startswith("int"):
             raise ValueError(f"{self.method} here supports int formats, got {self.qtype}.")
+
+    def algorithm(self, options: PTQOptions) -> PTQAlgorithm:
+        """The registered algorithm of ``method``, set up with this recipe and ``options``."""
+        return ALGORITHMS[self.method](recipe=self, options=options)
 
     @property
     def dot_config(self) -> DotGeneralConfig | None:
         """The ``dot_general`` config the quantized model serves with."""
-        if self.method == "fp32":
+        alg = ALGORITHMS[self.method]
+        if not alg.quantizes:
             return None
-        if self.method in ("w8a8", "smoothquant"):
+        if alg.activations:
             return w8a8()
         cal = "mse" if self.mse_clip else "absmax"
         if self.grid is not None:
@@ -89,7 +109,7 @@ class Recipe:
 
     @property
     def name(self) -> str:
-        if self.method in ("fp32", "w8a8", "smoothquant"):
+        if _fixed(self.method):
             return self.method
         if self.grid is not None:
             return ":".join([self.method, self.grid] + (["mse"] if self.mse_clip else []))
@@ -109,20 +129,23 @@ def parse_recipe(text: str) -> Recipe:
     Raises:
       ValueError: naming the part that is wrong and the accepted form.
     """
-    form = ("METHOD:QTYPE[:gSIZE][:asym][:mse] with METHOD in rtn|gptq|awq|awq+gptq, "
-            "or fp32 | w8a8 | smoothquant")
+    form = (f"METHOD:QTYPE[:gSIZE][:asym][:mse] with METHOD in "
+            f"{'|'.join(m for m in METHODS if not _fixed(m))}, "
+            f"or {' | '.join(m for m in METHODS if _fixed(m))}")
     parts = [p for p in text.strip().lower().split(":") if p]
     if not parts:
         raise ValueError(f"Empty recipe; expected {form}.")
     method = parts[0]
-    if method in ("fp32", "float", "none"):
-        return Recipe(method="fp32")
-    if method in ("w8a8", "smoothquant", "sq"):
+    name = ALIASES.get(method, method)
+    if name not in ALGORITHMS:
+        raise ValueError(f"Unknown method {method!r} in {text!r}; expected {form}.")
+    alg = ALGORITHMS[name]
+    if not alg.quantizes:
+        return Recipe(method=name)
+    if alg.activations:
         if len(parts) > 1 and parts[1:] != ["int8"]:
             raise ValueError(f"{method} takes no options (it is int8); got {text!r}.")
-        return Recipe(method="smoothquant" if method == "sq" else method)
-    if method not in ("rtn", "gptq", "awq", "awq+gptq"):
-        raise ValueError(f"Unknown method {method!r} in {text!r}; expected {form}.")
+        return Recipe(method=name)
     if len(parts) < 2:
         raise ValueError(f"Recipe {text!r} lacks a qtype (e.g. {method}:int4:g128).")
     kw = dict(method=method, qtype=parts[1])

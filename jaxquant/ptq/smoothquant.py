@@ -11,17 +11,24 @@ itself is in :mod:`jaxquant.ptq.folding`.
 
 :func:`search_alpha` picks ``alpha`` per input site from a grid, by the W8A8 output error on
 calibration tokens (the grid contains the paper's 0.5, so on those tokens it is never worse).
+
+As a model-level algorithm (:class:`SmoothQuant`, recipe ``smoothquant``) it smooths the sites
+named in ``PTQOptions.smooth_sites`` and then rounds the int8 weights to nearest.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from jaxquant.core.dot_config import DotGeneralConfig, w8a8
 from jaxquant.core.dot_general import quantize_operand
+from jaxquant.ptq.algorithm import Stat
+from jaxquant.ptq.rtn import RTN
 
 ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(2, 10))  # 0.2 .. 0.9
 
@@ -90,3 +97,32 @@ def search_alpha(
     base = float(_w8a8_error(x, kernels, refs, jnp.ones_like(scales[0])))
     info = {"alpha": alphas[best], "loss": losses[best], "loss_unsmoothed": base}
     return scales[best], info
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SmoothQuant(RTN):
+    """Smooth the inputs of ``options.smooth_sites`` (``alpha`` searched or the recipe's), then
+    RTN int8 weights served with int8 activations."""
+
+    activations: ClassVar[bool] = True
+
+    def check(self, sites):
+        foldable = [s.name for s in sites if s.fold_into is not None]
+        if bad := [s for s in self.options.smooth_sites if s not in foldable]:
+            raise ValueError(f"smooth_sites {bad} are not input sites with a fold target in "
+                             f"this model; use some of {foldable}.")
+
+    @property
+    def fold_needs(self):
+        return frozenset({Stat.ABS_MAX, Stat.SAMPLE} if self.options.smooth_search
+                         else {Stat.ABS_MAX})
+
+    def site_scale(self, site, inputs, kernels, block):
+        del block
+        if site.name not in self.options.smooth_sites:
+            return None
+        # The captured input is the norm's output, so its max already includes the norm scale.
+        if self.options.smooth_search:
+            s, _ = search_alpha(inputs.sample(), kernels, inputs.abs_max())
+            return s
+        return smooth_scales(inputs.abs_max(), kernels, self.recipe.alpha)
