@@ -19,6 +19,8 @@ import dataclasses
 
 from jaxquant.core.spec import QuantSpec
 
+TILING_MODES = ("auto", "always", "never")
+
 
 def _check_operand_spec(spec: QuantSpec | None, name: str) -> None:
     if spec is None:
@@ -65,6 +67,13 @@ class DotGeneralConfig:
         symmetric ints of <= 8 bits. False computes the same product in float (the reference).
       seed: seeds the keys of stochastic rounding when no key is threaded; the key of each
         call is derived deterministically from this seed and the operand values.
+      tiling: the tiled decode kernels for a lhs of few rows (at most
+        :data:`~jaxquant.core.tiled_dot.MAX_TILED_ROWS`) times a served QArray weight: the
+        weight-only product (:mod:`~jaxquant.core.tiled_dot`) and the W4A8 integer product
+        (:mod:`~jaxquant.core.w4a8`). ``"auto"`` (the default) uses them on XLA:CPU, where they
+        were measured to pay, and elsewhere keeps the untiled paths (XLA:GPU fuses the
+        dequantization into the GEMM); ``"always"`` uses them on any backend; ``"never"``
+        never. The result is the same up to float reassociation.
 
     Example:
       >>> cfg = dataclasses.replace(w8a8(), rhs=QuantSpec(qtype="int4", group_size=128))
@@ -76,6 +85,7 @@ class DotGeneralConfig:
     drhs: BackwardSpec | None = None
     int_dot: bool = True
     seed: int = 0
+    tiling: str = "auto"
 
     def __post_init__(self):
         _check_operand_spec(self.lhs, "lhs")
@@ -86,6 +96,8 @@ class DotGeneralConfig:
                 raise ValueError(f"{name} must be a BackwardSpec or None, got {type(v).__name__}.")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}.")
+        if self.tiling not in TILING_MODES:
+            raise ValueError(f"tiling must be one of {TILING_MODES}, got {self.tiling!r}.")
 
     @property
     def quantizes_backward(self) -> bool:
@@ -118,6 +130,18 @@ def weight_only(
     """
     spec = QuantSpec(qtype=qtype, group_size=group_size, symmetric=symmetric, calibration=calibration)
     return DotGeneralConfig(rhs=spec)
+
+
+def w4a8(qtype="int4", group_size: int | None = 128) -> DotGeneralConfig:
+    """Sub-byte weights times dynamic int8 activations (a scale per row): the integer product.
+
+    The weight codes (``int4``, ``int3``, ``int2``; symmetric, a scale per group of
+    ``group_size`` along the input axis, or per output column when None) are widened to int8
+    and multiplied with the int8 activation codes into int32 sums, one per group, then scaled
+    (:mod:`jaxquant.core.w4a8`). Float backward.
+    """
+    return DotGeneralConfig(lhs=QuantSpec(qtype="int8"),
+                            rhs=QuantSpec(qtype=qtype, group_size=group_size))
 
 
 def fully_quantized(

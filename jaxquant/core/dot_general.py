@@ -7,15 +7,18 @@ or, with ``group_size``, one per group along its single contracting axis.
 
 Paths, fastest first:
 
+* **tiled integer (W4A8)** (``config.tiling``; on XLA:CPU by default): int8 activations of at
+  most 16 rows times a served, packed sub-byte weight: int8 products of weight tiles with int32
+  sums per group (:mod:`jaxquant.core.w4a8`).
 * **integer**: both operands symmetric ints (<= 8 bits): ``dot_general`` on the int8 codes
   with int32 accumulation, then one rescale by the outer product of the operands' scales.
   With groups along the contraction, the groups become a batch axis of the integer dot and
   the scaled partial products are summed (AQT's tiled dot_general).
 * **fp8**: both operands fp8: a ``dot_general`` on the float8 values with f32 accumulation,
   then the same rescale.
-* **tiled weight-only** (XLA:CPU): a float lhs of at most 16 rows (decode) times a QArray
-  weight: the weight is dequantized one cache-sized tile at a time inside a loop, so only its
-  codes are read from memory (:mod:`jaxquant.core.tiled_dot`).
+* **tiled weight-only** (``config.tiling``, XLA:CPU by default): a float lhs of at most 16
+  rows (decode) times a QArray weight: the weight is dequantized one cache-sized tile at a
+  time inside a loop, so only its codes are read from memory (:mod:`jaxquant.core.tiled_dot`).
 * **reference**: dequantize whatever is quantized, then a float ``lax.dot_general``. Used
   for the other weight-only products, for asymmetric operands, and as the definition the fast
   paths are tested against (:func:`dot_general_reference`).
@@ -39,7 +42,8 @@ from jaxquant.core.calibration import compute_scale
 from jaxquant.core.dot_config import BackwardSpec, DotGeneralConfig
 from jaxquant.core.qarray import QArray, quantize
 from jaxquant.core.spec import QuantSpec
-from jaxquant.core.tiled_dot import tiled_weight_dot
+from jaxquant.core.tiled_dot import MAX_TILED_ROWS, tile_rows, tiled_weight_dot, tiles_enabled
+from jaxquant.core.w4a8 import tiled_int_dot
 
 # --- dimension numbers --------------------------------------------------------------------------
 
@@ -223,14 +227,19 @@ def _quantized_operands(lhs, rhs, dn, lspec, rspec, key):
 
 
 def _forward(lhs, rhs, dn, precision, preferred_element_type, lspec, rspec, int_dot, key,
-             tiled=True):
-    """Quantized forward product (no custom gradient). ``tiled=False`` keeps a float lhs times a
-    QArray rhs on the reference path."""
+             tiling="auto"):
+    """Quantized forward product (no custom gradient). ``tiling`` is the config's mode of the
+    tiled decode kernels; ``"never"`` keeps the untiled products (the reference)."""
     out_dtype = preferred_element_type or _float_dtype(lhs, rhs)
     lq, rq = _quantized_operands(lhs, rhs, dn, lspec, rspec, key)
     if isinstance(lq, QArray) and isinstance(rq, QArray) and int_dot:
         kinds = {lq.qtype[:3], rq.qtype[:3]}
         if kinds == {"int"} and lq.bits <= 8 and rq.bits <= 8:
+            if tiles_enabled(tiling):  # W4A8 for few rows: int8 products of weight tiles
+                y = tiled_int_dot(lq, rq, dn, out_dtype, max_rows=MAX_TILED_ROWS,
+                                  tile=tile_rows(rq) if rq.ndim == 2 else None)
+                if y is not None:
+                    return y
             y = _scaled_codes_dot(lq, rq, dn, out_dtype, "int")
             if y is not None:
                 return y
@@ -239,8 +248,8 @@ def _forward(lhs, rhs, dn, precision, preferred_element_type, lspec, rspec, int_
             if y is not None:
                 return y
     ftype = _float_dtype(lhs, rhs)
-    if tiled and isinstance(rq, QArray) and not isinstance(lq, QArray):
-        y = tiled_weight_dot(lq, rq, dn, precision, preferred_element_type, ftype)
+    if isinstance(rq, QArray) and not isinstance(lq, QArray):
+        y = tiled_weight_dot(lq, rq, dn, precision, preferred_element_type, ftype, tiling=tiling)
         if y is not None:
             return y
     return lax.dot_general(
@@ -262,7 +271,7 @@ def dot_general_reference(
                                _as_float(rhs, _float_dtype(lhs, rhs)), dn, precision=precision,
                                preferred_element_type=preferred_element_type)
     return _forward(lhs, rhs, dn, precision, preferred_element_type, config.lhs, config.rhs,
-                    False, _derive_key(config, lhs, 0), tiled=False)
+                    False, _derive_key(config, lhs, 0), tiling="never")
 
 
 # --- backward -----------------------------------------------------------------------------------
@@ -337,7 +346,8 @@ def _zero_cotangent(x):
 def _qdot_primal(lhs, rhs, dn, precision, preferred_element_type, config):
     key = _derive_key(config, lhs, 0)
     lq, rq = _quantized_operands(lhs, rhs, dn, config.lhs, config.rhs, key)
-    y = _forward(lq, rq, dn, precision, preferred_element_type, None, None, config.int_dot, None)
+    y = _forward(lq, rq, dn, precision, preferred_element_type, None, None, config.int_dot, None,
+                 tiling=config.tiling)
     return y, lq, rq
 
 

@@ -51,6 +51,12 @@ MAX_TILED_ROWS = 16
 TILE_ELEMENTS = 1 << 16
 
 
+def tiles_enabled(tiling: str) -> bool:
+    """Whether a :class:`~jaxquant.core.dot_config.DotGeneralConfig` ``tiling`` mode turns the
+    tiled kernels on here: ``"always"``, or ``"auto"`` on a backend in :data:`TILED_BACKENDS`."""
+    return tiling == "always" or (tiling == "auto" and jax.default_backend() in TILED_BACKENDS)
+
+
 def tile_rows(q: QArray, target: int | None = None) -> int | None:
     """Rows ``c`` of ``q``'s leading axis per tile, or None when it can't be tiled in >= 2.
 
@@ -126,7 +132,8 @@ def _dot(x, w: QArray, dn, precision, preferred_element_type, ftype):
     return y.astype(preferred_element_type or jnp.result_type(x.dtype, ftype))
 
 
-def tiled_weight_dot(lhs, rq: QArray, dn, precision, preferred_element_type, ftype):
+def tiled_weight_dot(lhs, rq: QArray, dn, precision, preferred_element_type, ftype, *,
+                     tiling: str = "auto"):
     """``lax.dot_general(lhs, rq.dequantize(ftype), dn)`` one weight tile at a time.
 
     Args:
@@ -135,15 +142,16 @@ def tiled_weight_dot(lhs, rq: QArray, dn, precision, preferred_element_type, fty
       dn: normalized dimension numbers.
       precision, preferred_element_type: as for ``lax.dot_general``.
       ftype: the float dtype the weight dequantizes to.
+      tiling: the config's mode (:func:`tiles_enabled`).
 
     Returns:
-      The product, or None when this path doesn't apply (a backend not in
-      :data:`TILED_BACKENDS`, batch axes, more than
+      The product, or None when this path doesn't apply (tiling off: see
+      :func:`tiles_enabled`, batch axes, more than
       :data:`MAX_TILED_ROWS` lhs rows, or a leading axis that can't be cut in two or more tiles);
       the caller then takes the reference path.
     """
     (lc, rc), (lb, rb) = dn
-    if lb or rb or isinstance(lhs, QArray) or jax.default_backend() not in TILED_BACKENDS:
+    if lb or rb or isinstance(lhs, QArray) or not tiles_enabled(tiling):
         return None
     rows = math.prod(n for a, n in enumerate(lhs.shape) if a not in lc)
     c = tile_rows(rq)
