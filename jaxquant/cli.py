@@ -237,8 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="the .gguf file to write")
     ex.add_argument("--model", help="source model for tokenizer and metadata "
                                     "(default: the checkpoint's --model)")
-    ex.add_argument("--float-type", choices=["f32", "f16"], default="f32",
-                    help="float matrices (embedding, untied head): f32 is lossless")
+    ex.add_argument("--float-type", choices=["auto", "f32", "f16"], default="auto",
+                    help="float matrices (embedding, untied head): auto = the smallest of "
+                         "Q8_0/F16/F32 that holds them exactly; f16 rounds")
     ex.add_argument("--json", help="write the result as JSON to this path")
     ex.set_defaults(func=_cmd_export)
 

@@ -135,6 +135,9 @@ def compute_scale(
 
     An all-zero range gives ``scale = 1`` so that codes and the dequantized values are 0, not NaN;
     a constant asymmetric range ``lo == hi == c`` gives ``scale = |c|`` so that c is exact.
+    A scale too small for ``spec.scale_dtype`` (float16: below 6.1e-5, e.g. weights of
+    magnitude 1e-9) is clamped to that dtype's smallest normal value instead of underflowing to
+    0 (which gave NaN): the step is then that value, so such tiny values quantize to 0.
 
     Returns:
       ``(scale, zero_point)``; ``zero_point`` is None when symmetric.
@@ -145,13 +148,13 @@ def compute_scale(
         # llama.cpp's Q4_0: the signed extreme maps to qmin (ties go to hi).
         extreme = jnp.where(jnp.abs(lo) > jnp.abs(hi), lo, hi)
         scale = _fp16_round(extreme / qt.qmin, spec)
-        scale = jnp.where((scale > 0) | (scale < 0), scale, 1.0).astype(dtype)
-        return scale, None
+        scale = _clamp_tiny(jnp.where((scale > 0) | (scale < 0), scale, 1.0), dtype)
+        return scale.astype(dtype), None
     if spec.symmetric:
         amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
         scale = _fp16_round(amax / qt.max_value, spec)
-        scale = jnp.where(scale > 0, scale, 1.0).astype(dtype)
-        return scale, None
+        scale = _clamp_tiny(jnp.where(scale > 0, scale, 1.0), dtype)
+        return scale.astype(dtype), None
     span = hi - lo
     scale = span / (qt.qmax - qt.qmin)
     # A constant group (lo == hi == c) takes scale |c|: c / scale = +-1 and the zero point are
@@ -162,9 +165,15 @@ def compute_scale(
         scale = _fp16_round(scale, spec)
         scale = jnp.where(scale > 0, scale, 1.0)
         lo = _fp16_round(lo, spec)
-    scale = scale.astype(dtype)
+    scale = _clamp_tiny(scale, dtype).astype(dtype)
     zero_point = (qt.qmin - lo / scale.astype(jnp.float32)).astype(dtype)
     return scale, zero_point
+
+
+def _clamp_tiny(scale: jax.Array, dtype) -> jax.Array:
+    """``scale`` with magnitudes below ``dtype``'s smallest normal raised to it (sign kept)."""
+    tiny = float(jnp.finfo(dtype).tiny)
+    return jnp.where(jnp.abs(scale) < tiny, jnp.where(scale < 0, -tiny, tiny), scale)
 
 
 def _fp16_round(x: jax.Array, spec: QuantSpec) -> jax.Array:

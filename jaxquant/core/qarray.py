@@ -11,6 +11,7 @@ import numpy as np
 from jaxquant.core import calibration, packing
 from jaxquant.core.qtypes import get_qtype
 from jaxquant.core.spec import Layout, QuantSpec, resolve_layout
+from jaxquant.errors import JaxquantError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +179,8 @@ def quantize(
 
     Raises:
       ValueError: for a layout that does not fit ``x`` (e.g. a group size that does not divide
-        the axis) or for a concrete ``x`` holding NaN/inf.
+        the axis), for a concrete ``x`` holding NaN/inf, or for an empty ``x`` (a
+        :class:`~jaxquant.errors.JaxquantError`).
 
     Example:
       >>> q = quantize(jnp.ones((256, 64)), QuantSpec(qtype="int4", channel_axes=(1,), group_size=128))
@@ -188,6 +190,11 @@ def quantize(
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"quantize expects a float array, got dtype {x.dtype}.")
+    if x.size == 0:
+        raise JaxquantError(
+            f"quantize got an empty array (shape {x.shape}): there is no value to calibrate a "
+            "scale from. Skip empty tensors before quantizing."
+        )
     check_finite(x)
     layout = resolve_layout(spec, x.shape)
     if scale is None:

@@ -22,8 +22,11 @@ Lingo:
 Nothing is re-quantized: a QArray is accepted only when its grid *is* a block format's grid
 (groups of 32 inputs, scales that are float16 values, Q4_1's minimum an f16 value), which the
 recipes ``METHOD:q4_0`` / ``:q4_1`` / ``:q8_0`` guarantee (:data:`jaxquant.ptq.recipe.GGUF_GRIDS`).
-Anything else is refused with the format and recipe that would fit. Float tensors are written
-as F32 (lossless; ``float_type="f16"`` halves them), RMSNorm scales always F32.
+Anything else is refused with the format and recipe that would fit. Float matrices (embedding,
+untied head) are written in the smallest type that holds them exactly (``float_type="auto"``:
+Q8_0 when ggml's own Q8_0 quantizer gives back every value bit for bit, as for an embedding
+imported from a Q8_0 GGUF, else F16 if exact, else F32), or as F32 / F16 on request; RMSNorm
+scales are always F32.
 
 Metadata (architecture and tokenizer) is copied from the source model's GGUF, or built from a
 Hugging Face folder's ``config.json`` and tokenizer, so the file is complete on its own. The
@@ -41,6 +44,8 @@ from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
 
 from jaxquant.core.qarray import QArray
 from jaxquant.core.qtypes import get_qtype
@@ -49,7 +54,7 @@ from jaxquant.models.gguf_loader import ARCHITECTURE, open_gguf
 from jaxquant.nn.config import TransformerConfig
 
 BLOCK = 32  # inputs per Q4_0 / Q4_1 / Q8_0 block
-FLOAT_TYPES = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16}
+FLOAT_TYPES = {"auto": None, "f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16}
 _FILE_TYPES = {
     GGMLQuantizationType.Q4_0: LlamaFileType.MOSTLY_Q4_0,
     GGMLQuantizationType.Q4_1: LlamaFileType.MOSTLY_Q4_1,
@@ -79,11 +84,12 @@ class ExportOptions:
     """How :func:`write_gguf` writes tensors.
 
     Attributes:
-      float_type: ``"f32"`` (lossless, default) or ``"f16"`` for float matrices (embedding,
-        untied head, kernels left float). RMSNorm scales are always F32, as llama.cpp wants.
+      float_type: for float matrices (embedding, untied head, kernels left float): ``"auto"``
+        (default) the smallest of Q8_0 / F16 / F32 that holds every value exactly, ``"f32"``,
+        or ``"f16"`` (rounds). RMSNorm scales are always F32, as llama.cpp wants.
     """
 
-    float_type: str = "f32"
+    float_type: str = "auto"
 
     def __post_init__(self):
         if self.float_type not in FLOAT_TYPES:
@@ -212,9 +218,27 @@ def q41_gap(q: QArray) -> float:
     fmt, data = qarray_blocks(q)
     if fmt != GGMLQuantizationType.Q4_1:
         return 0.0
-    from gguf.quants import dequantize
+    ours = np.asarray(q.dequantize(np.float32))
+    return float(np.max(np.abs(gguf_dequantize(data, fmt).T - ours)))
 
-    return float(np.max(np.abs(dequantize(data, fmt).T - np.asarray(q.dequantize(np.float32)))))
+
+def float_blocks(x: np.ndarray, float_type: str = "auto") -> tuple[GGMLQuantizationType, Any]:
+    """A float matrix ``[rows, cols]`` (numpy order) as GGUF tensor data.
+
+    ``"auto"`` keeps it lossless: Q8_0 if ``gguf.quants``' port of ggml's Q8_0 quantizer
+    reproduces every value exactly (the matrix already lies on a Q8_0 grid with each block's
+    extreme at code +-127), else F16 if every value is a float16, else F32.
+    """
+    x = np.ascontiguousarray(x, np.float32)
+    if float_type == "auto":
+        if x.ndim == 2 and x.shape[-1] % BLOCK == 0:
+            data = gguf_quantize(x, GGMLQuantizationType.Q8_0)
+            if np.array_equal(gguf_dequantize(data, GGMLQuantizationType.Q8_0), x):
+                return GGMLQuantizationType.Q8_0, data
+        float_type = "f16" if _is_f16(x) else "f32"
+    if float_type == "f16":
+        return GGMLQuantizationType.F16, x.astype(np.float16)
+    return GGMLQuantizationType.F32, x
 
 
 # --- Q/K permutation ----------------------------------------------------------------------------
@@ -334,7 +358,6 @@ def write_gguf(
     src = resolve_model(source)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    float_type = FLOAT_TYPES[options.float_type]
     writer = GGUFWriter(str(out), ARCHITECTURE)
     if src.suffix == ".gguf":
         reader = open_gguf(src)
@@ -360,11 +383,10 @@ def write_gguf(
             arr = np.asarray(value, np.float32)
             arr = arr.T if is_kernel else arr
             if arr.ndim == 1:
-                qtype = GGMLQuantizationType.F32
+                qtype, arr = GGMLQuantizationType.F32, np.ascontiguousarray(arr)
             else:
-                qtype = float_type
-                arr = arr.astype(np.float16 if qtype == GGMLQuantizationType.F16 else np.float32)
-            writer.add_tensor(gname, np.ascontiguousarray(arr), raw_dtype=qtype)
+                qtype, arr = float_blocks(arr, options.float_type)
+            writer.add_tensor(gname, arr, raw_dtype=qtype)
         counts[qtype.name] = counts.get(qtype.name, 0) + 1
     quant = [t for t in counts if t.startswith("Q")]
     main = GGMLQuantizationType[quant[0] if len(quant) == 1 else max(counts, key=counts.get)]

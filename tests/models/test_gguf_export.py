@@ -249,6 +249,19 @@ def test_grid_recipes_parse_and_refuse():
         Recipe(method="rtn", grid="q5_k")
 
 
+def test_float_embedding_on_a_q8_0_grid_is_written_as_q8_0(tmp_path, source, model):
+    """auto: Q8_0 only when ggml's quantizer gives the values back bit for bit (an embedding
+    imported from a Q8_0 GGUF); other float matrices stay F32 (the random source embedding)."""
+    emb = np.asarray(model.params["embed"]["embedding"])
+    on_grid = gguf_dequantize(gguf_quantize(emb, Q.Q8_0), Q.Q8_0)
+    params = {**model.params, "embed": {"embedding": jnp.asarray(on_grid)}}
+    write_gguf(tmp_path / "a.gguf", model.cfg, params, source)
+    write_gguf(tmp_path / "b.gguf", model.cfg, model.params, source)
+    assert gguf_tensor_types(tmp_path / "a.gguf")["token_embd.weight"] == "Q8_0"
+    assert gguf_tensor_types(tmp_path / "b.gguf")["token_embd.weight"] == "F32"
+    np.testing.assert_array_equal(load_gguf(tmp_path / "a.gguf")[0]["embed"], on_grid)
+
+
 def test_cli_export_and_refusal(tmp_path, source, model, capsys):
     cfg, params, _ = quantize_model(model.cfg, model.params, parse_recipe("rtn:q8_0"), None)
     save_quantized(tmp_path / "ck", cfg, params, {"recipe": "rtn:q8_0", "model": str(source)})
