@@ -44,6 +44,7 @@ from jaxquant.core.qarray import QArray, quantize
 from jaxquant.core.spec import QuantSpec
 from jaxquant.core.tiled_dot import MAX_TILED_ROWS, tile_rows, tiled_weight_dot, tiles_enabled
 from jaxquant.core.w4a8 import tiled_int_dot
+from jaxquant.errors import JaxquantError
 
 # --- dimension numbers --------------------------------------------------------------------------
 
@@ -52,6 +53,28 @@ def _normalize_dn(dimension_numbers):
     (lc, rc), (lb, rb) = dimension_numbers
     return ((tuple(int(a) for a in lc), tuple(int(a) for a in rc)),
             (tuple(int(a) for a in lb), tuple(int(a) for a in rb)))
+
+
+def _check_dn(lhs, rhs, dn) -> None:
+    """Raises a ValueError (as ``lax.dot_general`` would, but naming the axis) for axes out of
+    range or contracting/batch axes of different sizes."""
+    (lc, rc), (lb, rb) = dn
+    for name, x, axes in (("lhs", lhs, lc + lb), ("rhs", rhs, rc + rb)):
+        ndim = len(x.shape)
+        bad = [a for a in axes if not -ndim <= a < ndim]
+        if bad:
+            raise JaxquantError(
+                f"dot_general: {name} axis {bad[0]} is out of range for a {name} of rank {ndim} "
+                f"(shape {tuple(x.shape)}); dimension_numbers are ((lhs_contracting, "
+                f"rhs_contracting), (lhs_batch, rhs_batch)) = {dn}."
+            )
+    for kind, la, ra in (("contracting", lc, rc), ("batch", lb, rb)):
+        sizes = ([lhs.shape[a] for a in la], [rhs.shape[a] for a in ra])
+        if sizes[0] != sizes[1]:
+            raise JaxquantError(
+                f"dot_general: lhs {kind} axes {la} have sizes {sizes[0]} but rhs {kind} axes "
+                f"{ra} have sizes {sizes[1]}; they must match pairwise."
+            )
 
 
 def _free_axes(ndim: int, contracting, batch) -> tuple[int, ...]:
@@ -405,6 +428,7 @@ def dot_general(
         return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type)
     dn = _normalize_dn(dimension_numbers)
+    _check_dn(lhs, rhs, dn)
     if config is None:
         return dot_general_reference(lhs, rhs, dn, precision, preferred_element_type)
     if not isinstance(config, DotGeneralConfig):
