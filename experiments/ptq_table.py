@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import subprocess
 from pathlib import Path
 
 from jaxquant.eval import tasks
@@ -30,7 +32,8 @@ def run(model: str = "smollm2-135m", recipes=RECIPES, *, eval_tokens: int | None
 
     ``merge=True`` re-runs only ``recipes`` and replaces their rows in the existing JSON
     (which must have the same model, budget and seed); each row keeps the environment
-    (date, versions) of the run that measured it."""
+    (date, versions, commit, load) of the run that measured it. Rows of an old JSON measured
+    before commits were recorded get ``"commit": "unrecorded"``."""
     budget = tasks.DemoBudget(eval_tokens=eval_tokens, calib_windows=calib_windows,
                               calib_len=calib_len)
     out = Path(out_dir)
@@ -43,7 +46,11 @@ def run(model: str = "smollm2-135m", recipes=RECIPES, *, eval_tokens: int | None
         raise ValueError(f"--merge needs the settings of {path}: model {old['model']}, "
                          f"seed {old['seed']}, budget {old['budget']}.")
 
+    provenance = measured_by()
+
     def write(result):  # after every recipe, so a long run keeps what it measured
+        result = {**result, "environment": {**result["environment"], **provenance,
+                                            "load_avg_end": os.getloadavg()[0]}}
         if old is not None:
             result = _merged(old, result)
         path.write_text(json.dumps(result, indent=2))
@@ -56,6 +63,24 @@ def run(model: str = "smollm2-135m", recipes=RECIPES, *, eval_tokens: int | None
     return result
 
 
+def measured_by() -> dict:
+    """The commit that measures (``-dirty`` when jaxquant/ or experiments/ have uncommitted
+    changes) and the load at the start: recorded in the environment of every row."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, cwd=root,
+                                  timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--", "jaxquant", "experiments/ptq_table.py"):
+        commit += "-dirty"
+    return {"commit": commit, "load_avg_1m": os.getloadavg()[0]}
+
+
 def _merged(old: dict, new: dict) -> dict:
     """``old``'s rows with those of ``new`` replaced (or appended), deltas recomputed."""
     env = new["environment"]
@@ -63,6 +88,7 @@ def _merged(old: dict, new: dict) -> dict:
     rows = [fresh.pop(r["recipe"], r) for r in old["rows"]] + list(fresh.values())
     for r in rows:
         r.setdefault("environment", old["environment"])
+        r["environment"] = {"commit": "unrecorded", **r["environment"]}
     base = next((r["perplexity"] for r in rows if r["recipe"] == "fp32"), None)
     for r in rows:
         r.pop("recovered", None)
