@@ -16,17 +16,6 @@ ROPE_LAYOUTS = ("adjacent", "half")
 KV_QTYPES = (None, "int8", "int4")
 DTYPES = ("float32", "bfloat16", "float16")
 
-# Module paths of the projections inside a block, as the rules see them.
-PROJECTIONS = (
-    "attn/q_proj",
-    "attn/k_proj",
-    "attn/v_proj",
-    "attn/o_proj",
-    "mlp/gate_proj",
-    "mlp/up_proj",
-    "mlp/down_proj",
-)
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TransformerConfig:

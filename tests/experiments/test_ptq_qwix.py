@@ -7,7 +7,8 @@ import re
 import jax.numpy as jnp
 import pytest
 
-from jaxquant.nn.config import PROJECTIONS, TransformerConfig
+from jaxquant.nn.config import TransformerConfig
+from jaxquant.nn.transformer import block_sites
 from jaxquant.ptq.recipe import parse_recipe
 from tests.experiments.helpers import load_experiment
 
@@ -19,7 +20,7 @@ def ptq_qwix():
 
 def test_groups_follow_the_pipeline_on_smollm2(ptq_qwix):
     groups = ptq_qwix.layer_groups(TransformerConfig.smollm2_135m(), 128)
-    assert set(groups) == set(PROJECTIONS)
+    assert set(groups) == set(block_sites(TransformerConfig.smollm2_135m()).linears)
     # 576 inputs are not a multiple of 128: 96 (as jaxquant's pipeline); 1536 inputs keep 128.
     assert groups.pop("mlp/down_proj") == 128
     assert set(groups.values()) == {96}
@@ -30,7 +31,7 @@ def test_every_projection_matches_exactly_one_rule_with_its_group(ptq_qwix):
     recipe = parse_recipe("gptq:int4:g128")
     specs = ptq_qwix.qwix_rule_specs(cfg, recipe)
     groups = ptq_qwix.layer_groups(cfg, 128)
-    for lin in PROJECTIONS:
+    for lin in block_sites(cfg).linears:
         for i in (0, 29):
             path = f"block_{i}/{lin}"
             hits = [s for s in specs if re.fullmatch(s["module_path"], path)]
