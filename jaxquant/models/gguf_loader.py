@@ -191,6 +191,11 @@ def load_gguf(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str,
             weights[name] = np.array(array.T if transpose else array, dtype=np.float32, order="C")
         except Exception as e:  # noqa: BLE001 - a cut-short data region fails in many ways
             raise corrupt_gguf(path, e, f" (tensor {tensor.name})") from e
+        if not np.isfinite(weights[name]).all():
+            raise CorruptModelFileError(
+                f"{path}: tensor {tensor.name} holds NaN or inf values; the file is corrupt "
+                "(a damaged byte?). Download or convert it again."
+            )
     config["tie_embeddings"] = "lm_head" not in weights
     if "embed" in weights and weights["embed"].shape[0] != config["vocab_size"]:
         raise ValueError(
