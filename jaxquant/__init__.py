@@ -1,25 +1,24 @@
 """jaxquant: quantization research for large language models in JAX.
 
 The core (formats, specs, QArray, quantize, the quantized dot_general) is pure JAX and needs no
-Flax: ``import jaxquant as jq``.
+Flax: ``import jaxquant as jq``. Building blocks below this surface (``resolve_layout``,
+``operand_spec``, ``quantize_operand``, ``check_finite``, ``gather_rows``, the ``QTYPES``
+registry) are importable from :mod:`jaxquant.core`.
 """
 
 __version__ = "0.1.0"
 
-from jaxquant.core import QTYPES as QTYPES
 from jaxquant.core import BackwardSpec as BackwardSpec
 from jaxquant.core import DotGeneralConfig as DotGeneralConfig
 from jaxquant.core import Layout as Layout
 from jaxquant.core import QArray as QArray
+from jaxquant.core import QKind as QKind
 from jaxquant.core import QType as QType
-from jaxquant.core import QuantizedDotGeneral as QuantizedDotGeneral
 from jaxquant.core import QuantSpec as QuantSpec
 from jaxquant.core import calibrate as calibrate
-from jaxquant.core import check_finite as check_finite
 from jaxquant.core import compute_scale as compute_scale
 from jaxquant.core import dequantize as dequantize
 from jaxquant.core import dot_general as dot_general
-from jaxquant.core import dot_general_cls as dot_general_cls
 from jaxquant.core import dot_general_reference as dot_general_reference
 from jaxquant.core import einsum as einsum
 from jaxquant.core import fake_quant as fake_quant
@@ -29,11 +28,8 @@ from jaxquant.core import get_qtype as get_qtype
 from jaxquant.core import lsq_fake_quant as lsq_fake_quant
 from jaxquant.core import lsq_init_scale as lsq_init_scale
 from jaxquant.core import make_dot_general as make_dot_general
-from jaxquant.core import operand_spec as operand_spec
 from jaxquant.core import pack as pack
 from jaxquant.core import quantize as quantize
-from jaxquant.core import quantize_operand as quantize_operand
-from jaxquant.core import resolve_layout as resolve_layout
 from jaxquant.core import unpack as unpack
 from jaxquant.core import w8a8 as w8a8
 from jaxquant.core import weight_only as weight_only

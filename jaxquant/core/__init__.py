@@ -1,15 +1,24 @@
-"""Pure-JAX quantization primitives: formats, specs, calibration, QArray, packing, dot_general."""
+"""Pure-JAX quantization primitives: formats, specs, calibration, QArray, packing, dot_general.
+
+Everything here is importable from ``jaxquant.core``; the most used names are also re-exported
+at the top level (``import jaxquant as jq``). The building blocks below the top level
+(``resolve_layout``, ``operand_spec``, ``quantize_operand``, ``check_finite``, ``gather_rows``,
+the ``QTYPES`` registry, ...) live only here.
+"""
 
 from jaxquant.core.calibration import calibrate, compute_scale, dequantize_codes, quantize_codes
+from jaxquant.core.einsum_spec import EinsumSpec, parse_einsum
 from jaxquant.core.fake_quant import fake_quant, lsq_fake_quant, lsq_init_scale
 from jaxquant.core.packing import pack, unpack
-from jaxquant.core.qarray import QArray, check_finite, dequantize, quantize
-from jaxquant.core.qtypes import QTYPES, QType, get_qtype
+from jaxquant.core.qarray import QArray, check_finite, dequantize, gather_rows, quantize
+from jaxquant.core.qtypes import QTYPES, QKind, QType, get_qtype
 from jaxquant.core.spec import Layout, QuantSpec, resolve_layout
 
 __all__ = [
+    "EinsumSpec",
     "Layout",
     "QArray",
+    "QKind",
     "QTYPES",
     "QType",
     "QuantSpec",
@@ -19,10 +28,12 @@ __all__ = [
     "dequantize",
     "dequantize_codes",
     "fake_quant",
+    "gather_rows",
     "get_qtype",
     "lsq_fake_quant",
     "lsq_init_scale",
     "pack",
+    "parse_einsum",
     "quantize",
     "quantize_codes",
     "resolve_layout",
@@ -38,9 +49,7 @@ from jaxquant.core.dot_config import (  # noqa: E402
     weight_only,
 )
 from jaxquant.core.dot_general import (  # noqa: E402
-    QuantizedDotGeneral,
     dot_general,
-    dot_general_cls,
     dot_general_reference,
     einsum,
     make_dot_general,
@@ -51,9 +60,7 @@ from jaxquant.core.dot_general import (  # noqa: E402
 __all__ += [
     "BackwardSpec",
     "DotGeneralConfig",
-    "QuantizedDotGeneral",
     "dot_general",
-    "dot_general_cls",
     "dot_general_reference",
     "einsum",
     "fp8",

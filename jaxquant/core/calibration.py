@@ -18,7 +18,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxquant.core.qtypes import get_qtype
+from jaxquant.core.qtypes import QKind, get_qtype
 from jaxquant.core.spec import Layout, QuantSpec
 
 
@@ -221,14 +221,14 @@ def quantize_codes(
     xg = x if grouped else to_grouped(x, layout)
     s = expand_stat(scale, layout).astype(jnp.float32)
     v = xg.astype(jnp.float32) / s
-    if qt.kind == "int":
+    if qt.kind is QKind.INT:
         if zero_point is not None:
             v = v + expand_stat(zero_point, layout).astype(jnp.float32)
             lo, hi = qt.qmin, qt.qmax
         else:
             lo, hi = (qt.qmin if spec.full_range else -qt.qmax), qt.qmax
         q = jnp.clip(round_values(v, spec.rounding, key), lo, hi).astype(jnp.int8)
-    elif qt.kind == "float":
+    elif qt.kind is QKind.FLOAT:
         q = jnp.clip(v, -qt.max_value, qt.max_value).astype(qt.storage_dtype)
     else:
         cb = jnp.asarray(qt.codebook)
@@ -251,7 +251,7 @@ def dequantize_codes(
     qt = get_qtype(qtype)
     qg = q if grouped else to_grouped(q, layout)
     s = expand_stat(scale, layout).astype(jnp.float32)
-    if qt.kind == "codebook":
+    if qt.kind is QKind.CODEBOOK:
         v = jnp.asarray(qt.codebook)[qg.astype(jnp.int32)]
     else:
         v = qg.astype(jnp.float32)

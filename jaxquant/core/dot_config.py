@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxquant.core.serialization import JsonConfig
 from jaxquant.core.spec import QuantSpec
 
 TILING_MODES = ("auto", "always", "never")
@@ -37,7 +38,7 @@ def _check_operand_spec(spec: QuantSpec | None, name: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class BackwardSpec:
+class BackwardSpec(JsonConfig):
     """Quantization of one backward product.
 
     Attributes:
@@ -52,9 +53,13 @@ class BackwardSpec:
         _check_operand_spec(self.grad, "BackwardSpec.grad")
         _check_operand_spec(self.operand, "BackwardSpec.operand")
 
+    @classmethod
+    def _decoders(cls):
+        return {"grad": QuantSpec.from_dict, "operand": QuantSpec.from_dict}
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DotGeneralConfig:
+class DotGeneralConfig(JsonConfig):
     """How :func:`jaxquant.dot_general` quantizes. Frozen; use ``dataclasses.replace``.
 
     Attributes:
@@ -75,8 +80,13 @@ class DotGeneralConfig:
         dequantization into the GEMM); ``"always"`` uses them on any backend; ``"never"``
         never. The result is the same up to float reassociation.
 
+    Serializes with ``to_dict`` / ``from_dict`` and ``to_json`` / ``from_json`` (nested specs
+    included; exact round trip).
+
     Example:
       >>> cfg = dataclasses.replace(w8a8(), rhs=QuantSpec(qtype="int4", group_size=128))
+      >>> DotGeneralConfig.from_json(cfg.to_json()) == cfg
+      True
     """
 
     lhs: QuantSpec | None = None
@@ -98,6 +108,11 @@ class DotGeneralConfig:
             raise ValueError(f"seed must be an int, got {self.seed!r}.")
         if self.tiling not in TILING_MODES:
             raise ValueError(f"tiling must be one of {TILING_MODES}, got {self.tiling!r}.")
+
+    @classmethod
+    def _decoders(cls):
+        spec, bwd = QuantSpec.from_dict, BackwardSpec.from_dict
+        return {"lhs": spec, "rhs": spec, "dlhs": bwd, "drhs": bwd}
 
     @property
     def quantizes_backward(self) -> bool:

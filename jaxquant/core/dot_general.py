@@ -40,7 +40,9 @@ from jax import lax
 
 from jaxquant.core.calibration import compute_scale
 from jaxquant.core.dot_config import BackwardSpec, DotGeneralConfig
+from jaxquant.core.einsum_spec import parse_einsum
 from jaxquant.core.qarray import QArray, quantize
+from jaxquant.core.qtypes import QKind, get_qtype
 from jaxquant.core.spec import QuantSpec
 from jaxquant.core.tiled_dot import MAX_TILED_ROWS, tile_rows, tiled_weight_dot, tiles_enabled
 from jaxquant.core.w4a8 import tiled_int_dot
@@ -256,8 +258,8 @@ def _forward(lhs, rhs, dn, precision, preferred_element_type, lspec, rspec, int_
     out_dtype = preferred_element_type or _float_dtype(lhs, rhs)
     lq, rq = _quantized_operands(lhs, rhs, dn, lspec, rspec, key)
     if isinstance(lq, QArray) and isinstance(rq, QArray) and int_dot:
-        kinds = {lq.qtype[:3], rq.qtype[:3]}
-        if kinds == {"int"} and lq.bits <= 8 and rq.bits <= 8:
+        kinds = {get_qtype(lq.qtype).kind, get_qtype(rq.qtype).kind}
+        if kinds == {QKind.INT} and lq.bits <= 8 and rq.bits <= 8:
             if tiles_enabled(tiling):  # W4A8 for few rows: int8 products of weight tiles
                 y = tiled_int_dot(lq, rq, dn, out_dtype, max_rows=MAX_TILED_ROWS,
                                   tile=tile_rows(rq) if rq.ndim == 2 else None)
@@ -266,7 +268,7 @@ def _forward(lhs, rhs, dn, precision, preferred_element_type, lspec, rspec, int_
             y = _scaled_codes_dot(lq, rq, dn, out_dtype, "int")
             if y is not None:
                 return y
-        if kinds == {"fp8"}:
+        if kinds == {QKind.FLOAT}:
             y = _scaled_codes_dot(lq, rq, dn, out_dtype, "fp8")
             if y is not None:
                 return y
@@ -404,8 +406,26 @@ _qdot.defvjp(_qdot_fwd, _qdot_bwd)
 # --- public entry points ------------------------------------------------------------------------
 
 
+def _constrain_output(y, out_sharding):
+    """``y`` on ``out_sharding``, as ``lax.dot_general(..., out_sharding=)`` places its output.
+
+    Under a mesh with explicit axes the output is resharded (``jax.sharding.reshard``);
+    otherwise it gets a sharding constraint (``lax.with_sharding_constraint``).
+    """
+    if out_sharding is None:
+        return y
+    if isinstance(out_sharding, jax.sharding.NamedSharding):
+        axis_types = getattr(out_sharding.mesh, "axis_types", ())
+    else:
+        axis_types = getattr(jax.sharding.get_abstract_mesh(), "axis_types", ())
+    if any(t == jax.sharding.AxisType.Explicit for t in axis_types):
+        return jax.sharding.reshard(y, out_sharding)
+    return lax.with_sharding_constraint(y, out_sharding)
+
+
 def dot_general(
-    lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *, config=None
+    lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *, config=None,
+    out_sharding=None,
 ):
     """``lax.dot_general`` with quantized operands.
 
@@ -417,6 +437,8 @@ def dot_general(
       preferred_element_type: output dtype (default: the operands' float dtype).
       config: a :class:`DotGeneralConfig`; None is exactly ``lax.dot_general`` (a QArray
         operand is then dequantized first).
+      out_sharding: sharding of the output, as for ``lax.dot_general`` (which gets it when
+        ``config`` is None and no operand is a QArray; otherwise the output is constrained).
 
     Returns:
       ``[batch..., lhs_free..., rhs_free...]``, as ``lax.dot_general``.
@@ -425,80 +447,62 @@ def dot_general(
       >>> y = dot_general(x, w, (((1,), (0,)), ((), ())), config=w8a8())
     """
     if config is None and not isinstance(lhs, QArray) and not isinstance(rhs, QArray):
+        kw = {} if out_sharding is None else {"out_sharding": out_sharding}
         return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                               preferred_element_type=preferred_element_type)
+                               preferred_element_type=preferred_element_type, **kw)
     dn = _normalize_dn(dimension_numbers)
     _check_dn(lhs, rhs, dn)
     if config is None:
-        return dot_general_reference(lhs, rhs, dn, precision, preferred_element_type)
+        y = dot_general_reference(lhs, rhs, dn, precision, preferred_element_type)
+        return _constrain_output(y, out_sharding)
     if not isinstance(config, DotGeneralConfig):
         raise TypeError(f"config must be a DotGeneralConfig or None, got {type(config).__name__}.")
-    return _qdot(lhs, rhs, dn, precision, preferred_element_type, config)
-
-
-def _parse_einsum(subscripts: str, lhs_ndim: int, rhs_ndim: int):
-    s = subscripts.replace(" ", "")
-    if "..." in s:
-        raise ValueError("einsum: ellipsis ('...') is not supported; spell out the axes.")
-    if "->" not in s or s.count(",") != 1:
-        raise ValueError(f"einsum needs 'lhs,rhs->out' with two operands, got {subscripts!r}.")
-    ins, out = s.split("->")
-    la, ra = ins.split(",")
-    if len(la) != lhs_ndim or len(ra) != rhs_ndim:
-        raise ValueError(f"einsum {subscripts!r} does not match operand ranks {lhs_ndim}, {rhs_ndim}.")
-    for name, t in (("lhs", la), ("rhs", ra), ("out", out)):
-        if len(set(t)) != len(t):
-            raise ValueError(f"einsum: repeated index in {name} {t!r} is not supported.")
-    for c in out:
-        if c not in la and c not in ra:
-            raise ValueError(f"einsum: output index {c!r} is in neither operand.")
-    for t, name in ((la, "lhs"), (ra, "rhs")):
-        for c in t:
-            if c not in out and (c not in la or c not in ra):
-                raise ValueError(f"einsum: {name} index {c!r} is summed alone; sum it beforehand.")
-    contract = [c for c in la if c in ra and c not in out]
-    batch = [c for c in la if c in ra and c in out]
-    dn = ((tuple(la.index(c) for c in contract), tuple(ra.index(c) for c in contract)),
-          (tuple(la.index(c) for c in batch), tuple(ra.index(c) for c in batch)))
-    produced = batch + [c for c in la if c not in ra] + [c for c in ra if c not in la]
-    perm = tuple(produced.index(c) for c in out)
-    return dn, perm
+    return _constrain_output(
+        _qdot(lhs, rhs, dn, precision, preferred_element_type, config), out_sharding
+    )
 
 
 def einsum(subscripts: str, lhs, rhs, *, config=None, precision=None,
-           preferred_element_type=None):
-    """Two-operand einsum on :func:`dot_general`.
+           preferred_element_type=None, out_sharding=None):
+    """Two-operand einsum on :func:`dot_general` (the string is parsed by
+    :func:`~jaxquant.core.einsum_spec.parse_einsum`).
 
     Example:
       >>> y = einsum("bsd,dh->bsh", x, w, config=w8a8())   # x: [b, s, d], w: [d, h]
     """
-    dn, perm = _parse_einsum(subscripts, len(lhs.shape), len(rhs.shape))
-    y = dot_general(lhs, rhs, dn, precision, preferred_element_type, config=config)
-    return y if perm == tuple(range(len(perm))) else jnp.transpose(y, perm)
-
-
-def make_dot_general(config: DotGeneralConfig | None):
-    """A function with ``lax.dot_general``'s signature, for ``nn.Dense(dot_general=...)``."""
-
-    def dg(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
-        return dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
-                           config=config)
-
-    return dg
+    spec = parse_einsum(subscripts, len(lhs.shape), len(rhs.shape))
+    perm = spec.output_perm
+    y = dot_general(lhs, rhs, spec.dimension_numbers, precision, preferred_element_type,
+                    config=config)
+    y = y if perm == tuple(range(len(perm))) else jnp.transpose(y, perm)
+    return _constrain_output(y, out_sharding)
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantizedDotGeneral:
-    """A callable ``dot_general`` bound to a config (what ``dot_general_cls`` instantiates)."""
+    """A ``dot_general`` bound to a config, with ``lax.dot_general``'s signature: what
+    :func:`make_dot_general` returns. Frozen and compared by value, so two modules built with
+    equal configs are equal (and share jit caches)."""
 
     config: DotGeneralConfig | None = None
 
     def __call__(self, lhs, rhs, dimension_numbers, precision=None,
-                 preferred_element_type=None, **kwargs):
+                 preferred_element_type=None, *, out_sharding=None):
         return dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
-                           config=self.config)
+                           config=self.config, out_sharding=out_sharding)
 
 
-def dot_general_cls(config: DotGeneralConfig | None):
-    """A zero-argument factory for ``nn.Dense(dot_general_cls=...)``."""
-    return functools.partial(QuantizedDotGeneral, config)
+def make_dot_general(config: DotGeneralConfig | None) -> QuantizedDotGeneral:
+    """The hook for Flax: a ``dot_general`` with ``lax.dot_general``'s signature (plus the
+    keyword ``out_sharding`` that Flax NNX passes) that quantizes per ``config``.
+
+    Any other keyword raises ``TypeError``, as it would for ``lax.dot_general``.
+
+    Example:
+      >>> layer = nn.Dense(16, dot_general=make_dot_general(w8a8()))          # linen
+      >>> layer = nnx.Linear(8, 16, dot_general=make_dot_general(w8a8()), rngs=rngs)  # NNX
+      >>> layer = nn.Dense(16, dot_general_cls=lambda: make_dot_general(w8a8()))
+    """
+    if config is not None and not isinstance(config, DotGeneralConfig):
+        raise TypeError(f"config must be a DotGeneralConfig or None, got {type(config).__name__}.")
+    return QuantizedDotGeneral(config)

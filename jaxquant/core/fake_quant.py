@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant.core import calibration
+from jaxquant.core.qtypes import QKind
 from jaxquant.core.spec import QuantSpec, resolve_layout
 
 GRADIENTS = ("ste", "clipped_ste")
@@ -81,7 +82,7 @@ def lsq_fake_quant(x: jax.Array, scale: jax.Array, spec: QuantSpec) -> jax.Array
       Array like ``x``.
     """
     qt = spec.qt
-    if qt.kind != "int" or not spec.symmetric:
+    if qt.kind is not QKind.INT or not spec.symmetric:
         raise ValueError(f"lsq_fake_quant needs a symmetric int spec, got {spec.qtype}, "
                          f"symmetric={spec.symmetric}.")
     layout = resolve_layout(spec, x.shape)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.core import calibration, packing
-from jaxquant.core.qtypes import get_qtype
+from jaxquant.core.qtypes import QKind, get_qtype
 from jaxquant.core.spec import Layout, QuantSpec, resolve_layout
 from jaxquant.errors import JaxquantError
 
@@ -85,7 +85,7 @@ class QArray:
             qt.storage_bits,
             self.pack_axis,
             self.shape[self.pack_axis],
-            signed=qt.kind == "int",
+            signed=qt.kind is QKind.INT,
         )
 
     def dequantize(self, dtype=None) -> jax.Array:
@@ -233,3 +233,47 @@ def dequantize(q: QArray, dtype=None) -> jax.Array:
     if not isinstance(q, QArray):
         raise TypeError(f"dequantize expects a QArray, got {type(q).__name__}.")
     return q.dequantize(dtype)
+
+
+def gather_rows(q: QArray, idx: jax.Array) -> QArray:
+    """Rows ``idx`` of a QArray quantized with a scale per row (``channel_axes`` start with 0).
+
+    The codes are gathered as stored (still packed), with their scales: an embedding lookup
+    that never dequantizes the whole table.
+
+    Args:
+      q: a QArray ``[V, ...]`` with channel axis 0, not packed or grouped along axis 0.
+      idx: int indices ``[...]`` into axis 0.
+
+    Returns:
+      A QArray of shape ``[*idx.shape, *q.shape[1:]]``.
+
+    Raises:
+      ValueError: if ``q`` has no scale per row.
+
+    Example:
+      >>> q = quantize(jnp.ones((64, 16)), QuantSpec(qtype="int4", channel_axes=(0,)))
+      >>> gather_rows(q, jnp.array([[1, 2, 3]])).shape
+      (1, 3, 16)
+    """
+    if q.channel_axes[:1] != (0,) or q.pack_axis == 0 or q.group_axis == 0:
+        raise ValueError(
+            f"gather_rows needs a QArray with a scale per row (channel axis 0, not packed or "
+            f"grouped along it); got channel_axes={q.channel_axes}, pack_axis={q.pack_axis}, "
+            f"group_axis={q.group_axis}."
+        )
+    n = jnp.ndim(idx)
+    shift = lambda a: None if a is None else a + n - 1
+    take = lambda a: None if a is None else jnp.take(a, idx, axis=0)
+    return QArray(
+        qvalue=take(q.qvalue),
+        scale=take(q.scale),
+        zero_point=take(q.zero_point),
+        qtype=q.qtype,
+        shape=tuple(jnp.shape(idx)) + tuple(q.shape[1:]),
+        dtype=q.dtype,
+        channel_axes=tuple(range(n)) + tuple(shift(a) for a in q.channel_axes[1:]),
+        group_axis=shift(q.group_axis),
+        group_size=q.group_size,
+        pack_axis=shift(q.pack_axis),
+    )

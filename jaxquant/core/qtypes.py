@@ -17,6 +17,7 @@ Sub-byte formats (``bits <= 4``) are packed: two 4-bit or four 2-bit codes per b
 from __future__ import annotations
 
 import dataclasses
+import enum
 
 import jax.numpy as jnp
 import numpy as np
@@ -52,13 +53,32 @@ FP4_CODEBOOK = np.concatenate([-_E2M1[:0:-1], _E2M1, [6.0]]) / 6.0
 FP4_CODEBOOK = FP4_CODEBOOK.astype(np.float32)
 
 
+class QKind(str, enum.Enum):
+    """The kind of a numeric format; it decides how codes map to values.
+
+    * ``INT``: signed integer codes, ``value = (code - zero_point) * scale``.
+    * ``FLOAT``: fp8 codes stored in a float8 dtype, ``value = code * scale``.
+    * ``CODEBOOK``: unsigned indices into a fixed table (nf4, fp4),
+      ``value = table[code] * scale``.
+
+    A ``str`` enum: ``QKind.INT == "int"`` holds, and ``str(QKind.INT)`` is ``"int"``.
+    """
+
+    INT = "int"
+    FLOAT = "float"
+    CODEBOOK = "codebook"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclasses.dataclass(frozen=True)
 class QType:
     """A numeric format.
 
     Attributes:
       name: canonical name, e.g. ``"int4"``.
-      kind: ``"int"``, ``"float"`` or ``"codebook"``.
+      kind: a :class:`QKind`.
       bits: bits per code.
       storage_dtype: dtype of the stored codes before packing (``int8`` for int and codebook,
         the float8 dtype for fp8).
@@ -67,7 +87,7 @@ class QType:
     """
 
     name: str
-    kind: str
+    kind: QKind
     bits: int
     storage_dtype: object
     max_value: float
@@ -75,7 +95,7 @@ class QType:
     @property
     def packed(self) -> bool:
         """Whether codes are packed several to a byte."""
-        return self.bits <= 4 and self.kind != "float"
+        return self.bits <= 4 and self.kind is not QKind.FLOAT
 
     @property
     def storage_bits(self) -> int:
@@ -91,14 +111,14 @@ class QType:
     @property
     def qmin(self) -> int:
         """Smallest integer code (ints: ``-2**(N-1)``; codebooks: 0)."""
-        if self.kind == "int":
+        if self.kind is QKind.INT:
             return -(2 ** (self.bits - 1))
         return 0
 
     @property
     def qmax(self) -> int:
         """Largest integer code (ints: ``2**(N-1) - 1``; codebooks: 15)."""
-        if self.kind == "int":
+        if self.kind is QKind.INT:
             return 2 ** (self.bits - 1) - 1
         return 2**self.bits - 1
 
@@ -114,15 +134,15 @@ class QType:
 def _build_registry() -> dict[str, QType]:
     reg = {}
     for n in range(2, 9):
-        reg[f"int{n}"] = QType(f"int{n}", "int", n, jnp.int8, float(2 ** (n - 1) - 1))
+        reg[f"int{n}"] = QType(f"int{n}", QKind.INT, n, jnp.int8, float(2 ** (n - 1) - 1))
     reg["fp8_e4m3"] = QType(
-        "fp8_e4m3", "float", 8, jnp.float8_e4m3fn, float(jnp.finfo(jnp.float8_e4m3fn).max)
+        "fp8_e4m3", QKind.FLOAT, 8, jnp.float8_e4m3fn, float(jnp.finfo(jnp.float8_e4m3fn).max)
     )
     reg["fp8_e5m2"] = QType(
-        "fp8_e5m2", "float", 8, jnp.float8_e5m2, float(jnp.finfo(jnp.float8_e5m2).max)
+        "fp8_e5m2", QKind.FLOAT, 8, jnp.float8_e5m2, float(jnp.finfo(jnp.float8_e5m2).max)
     )
-    reg["nf4"] = QType("nf4", "codebook", 4, jnp.int8, 1.0)
-    reg["fp4_e2m1"] = QType("fp4_e2m1", "codebook", 4, jnp.int8, 1.0)
+    reg["nf4"] = QType("nf4", QKind.CODEBOOK, 4, jnp.int8, 1.0)
+    reg["fp4_e2m1"] = QType("fp4_e2m1", QKind.CODEBOOK, 4, jnp.int8, 1.0)
     return reg
 
 

@@ -13,14 +13,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from jaxquant.core.qtypes import canonical_qtype, get_qtype
+from jaxquant.core.qtypes import QKind, canonical_qtype, get_qtype
+from jaxquant.core.serialization import JsonConfig, as_tuple
 
 CALIBRATIONS = ("absmax", "minmax", "percentile", "mse")
 ROUNDINGS = ("nearest", "stochastic")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class QuantSpec:
+class QuantSpec(JsonConfig):
     """How to quantize a tensor. Frozen; derive variants with ``dataclasses.replace``.
 
     Attributes:
@@ -45,8 +46,12 @@ class QuantSpec:
         point encodes) to float16 *before* the codes are chosen, as llama.cpp's Q4_0, Q4_1
         and Q8_0 blocks store them. Asymmetric: ``zero_point = qmin - f16(lo) / scale``.
 
+    Serializes with ``to_dict`` / ``from_dict`` and ``to_json`` / ``from_json`` (exact round trip).
+
     Example:
       >>> spec = QuantSpec(qtype="int4", channel_axes=(1,), group_size=128, group_axis=0)
+      >>> QuantSpec.from_json(spec.to_json()) == spec
+      True
     """
 
     qtype: str = "int8"
@@ -96,12 +101,12 @@ class QuantSpec:
             )
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"Unknown rounding {self.rounding!r}; use one of {ROUNDINGS}.")
-        if not self.symmetric and qt.kind != "int":
+        if not self.symmetric and qt.kind is not QKind.INT:
             raise ValueError(
                 f"symmetric=False needs an int qtype; {self.qtype} is a {qt.kind} format with a "
                 "fixed zero. Use symmetric=True or an int qtype."
             )
-        if self.rounding == "stochastic" and qt.kind != "int":
+        if self.rounding == "stochastic" and qt.kind is not QKind.INT:
             raise ValueError(
                 f"stochastic rounding is implemented for int qtypes, not {self.qtype}."
             )
@@ -125,6 +130,10 @@ class QuantSpec:
             raise ValueError(
                 f"scale_dtype must be 'float32', 'bfloat16' or 'float16', got {self.scale_dtype!r}."
             )
+
+    @classmethod
+    def _decoders(cls):
+        return {"channel_axes": as_tuple}
 
     @property
     def qt(self):

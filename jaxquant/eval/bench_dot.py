@@ -57,8 +57,8 @@ def _float_op(dtype):
 
 
 def _int8_raw(x, w):
-    qx = jq.quantize_operand(x, jq.w8a8().lhs, (1,))
-    qw = jq.quantize_operand(w, jq.w8a8().rhs, (0,))
+    qx = jq.core.quantize_operand(x, jq.w8a8().lhs, (1,))
+    qw = jq.core.quantize_operand(w, jq.w8a8().rhs, (0,))
     f = jax.jit(lambda a, b: lax.dot_general(a, b, DN, preferred_element_type=jnp.int32))
     sx, sw = qx.scale, qw.scale
     return f, (qx.qvalue, qw.qvalue), lambda y: y.astype(jnp.float32) * sx * sw
@@ -74,7 +74,7 @@ def _jq_dynamic(cfg):
 
 def _jq_serving(cfg):
     def build(x, w):
-        wq = jax.block_until_ready(jq.quantize_operand(w, cfg.rhs, (0,)))
+        wq = jax.block_until_ready(jq.core.quantize_operand(w, cfg.rhs, (0,)))
         f = jax.jit(lambda a, b: jq.dot_general(a, b, DN, config=cfg))
         return f, (x, wq), lambda y: y
 

@@ -15,7 +15,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from jaxquant.core.dot_config import DotGeneralConfig, w8a8, weight_only
-from jaxquant.core.qtypes import canonical_qtype
+from jaxquant.core.qtypes import QKind, canonical_qtype, get_qtype
 from jaxquant.core.spec import QuantSpec
 from jaxquant.ptq.registry import ALGORITHMS, ALIASES
 
@@ -87,7 +87,7 @@ class Recipe:
             raise ValueError(f"{self.method} is int8 weights and activations; got {self.qtype}.")
         if self.group_size is not None and self.group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}.")
-        if alg.int_only and not self.qtype.startswith("int"):
+        if alg.int_only and get_qtype(self.qtype).kind is not QKind.INT:
             raise ValueError(f"{self.method} here supports int formats, got {self.qtype}.")
 
     def algorithm(self, options: PTQOptions) -> PTQAlgorithm:

@@ -36,7 +36,7 @@ def test_percentile_clips_heavy_tails(symmetric):
     spec = jq.QuantSpec(
         qtype="int4", channel_axes=(1,), calibration="percentile", percentile=p, symmetric=symmetric
     )
-    layout = jq.resolve_layout(spec, x.shape)
+    layout = jq.core.resolve_layout(spec, x.shape)
     lo, hi = (np.asarray(v)[0] for v in jq.calibrate(jnp.asarray(x), spec, layout))
     if symmetric:
         ref_hi = np.percentile(np.abs(x), p, axis=0)
@@ -134,7 +134,7 @@ def test_minmax_equals_absmax(qtype, symmetric):
     b = jq.quantize(x, dataclasses.replace(spec, calibration="minmax"))
     for la, lb in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(la), np.asarray(lb))
-    layout = jq.resolve_layout(spec, x.shape)
+    layout = jq.core.resolve_layout(spec, x.shape)
     lo, hi = jq.calibrate(jnp.asarray(x), dataclasses.replace(spec, calibration="minmax"), layout)
     if symmetric:
         np.testing.assert_array_equal(np.asarray(hi)[0], np.abs(x).max(axis=0))
@@ -155,7 +155,7 @@ def test_precomputed_scale_matches_calibration(qtype, symmetric, calibration):
         group_size=4,
         percentile=95.0,
     )
-    layout = jq.resolve_layout(spec, x.shape)
+    layout = jq.core.resolve_layout(spec, x.shape)
     scale, zp = jq.compute_scale(*jq.calibrate(jnp.asarray(x), spec, layout), spec)
     a = jq.quantize(x, spec)
     b = jq.quantize(x, spec, scale=scale, zero_point=zp)
@@ -168,7 +168,7 @@ def test_static_scale_clips_out_of_range_values():
     """A scale calibrated on one tensor, applied to a larger one, saturates at the grid's ends."""
     x = _student_t((8, 6), seed=8)
     spec = jq.QuantSpec(qtype="int4", channel_axes=(1,))
-    layout = jq.resolve_layout(spec, x.shape)
+    layout = jq.core.resolve_layout(spec, x.shape)
     scale, _ = jq.compute_scale(*jq.calibrate(jnp.asarray(x), spec, layout), spec)
     q = jq.quantize(3 * x, spec, scale=scale)
     codes = np.asarray(q.codes())

@@ -126,7 +126,7 @@ def dequantized_operands(cfg, x, w, dn):
         if spec is None:
             out += [v.astype(jnp.float32), jnp.zeros(v.shape, jnp.float32)]
         else:
-            q = jq.quantize_operand(v, spec, c)
+            q = jq.core.quantize_operand(v, spec, c)
             out += [q.dequantize(jnp.float32), half_step(q, v)]
     return tuple(out)
 
@@ -219,9 +219,9 @@ def test_eager_equals_jit(name):
 
 def test_operand_scale_layout():
     x, w = rand(0, (16, 128)), rand(1, (128, 24))
-    assert jq.quantize_operand(x, jq.w8a8().lhs, (1,)).scale.shape == (16, 1)
-    assert jq.quantize_operand(w, jq.w8a8().rhs, (0,)).scale.shape == (1, 24)
-    q = jq.quantize_operand(w, jq.weight_only("int4", group_size=32).rhs, (0,))
+    assert jq.core.quantize_operand(x, jq.w8a8().lhs, (1,)).scale.shape == (16, 1)
+    assert jq.core.quantize_operand(w, jq.w8a8().rhs, (0,)).scale.shape == (1, 24)
+    q = jq.core.quantize_operand(w, jq.weight_only("int4", group_size=32).rhs, (0,))
     assert q.scale.shape == (4, 24) and q.group_axis == 0
     # The operand spec is the ordinary QuantSpec with channel axes = the non-contracting axes.
     direct = jq.quantize(w, jq.QuantSpec(qtype="int4", channel_axes=(1,), group_size=32))
@@ -313,7 +313,7 @@ def test_asymmetric_operands_fall_back_to_float():
 def test_serving_qarray_rhs_equals_float_rhs(name):
     cfg = CONFIGS[name]
     x, w = rand(0, (16, 128), 2.0, axis=0), rand(1, (128, 24), 2.0, axis=1)
-    wq = jq.quantize_operand(w, cfg.rhs, (0,))
+    wq = jq.core.quantize_operand(w, cfg.rhs, (0,))
     if cfg.rhs.bits <= 4:
         assert wq.pack_axis is not None and wq.nbytes < w.size  # really packed
     assert_within(
@@ -324,7 +324,7 @@ def test_serving_qarray_rhs_equals_float_rhs(name):
 def test_serving_w8a8_stays_integer():
     x, w = rand(0, (16, 128), 2.0, axis=0), rand(1, (128, 24), 2.0, axis=1)
     cfg = jq.w8a8()
-    wq = jq.quantize_operand(w, cfg.rhs, (0,))
+    wq = jq.core.quantize_operand(w, cfg.rhs, (0,))
     dots = dot_eqns(jax.jit(lambda a, b: jq.dot_general(a, b, MM, config=cfg)), x, wq)
     assert dots and all(d == (jnp.int8, jnp.int8, jnp.int32) for d in dots), dots
 
@@ -339,7 +339,7 @@ def test_qarray_lhs_with_static_per_tensor_scale():
     assert_within(y, dg(xhat, what, MM), reassoc_tol(xhat, what, MM), "static-scale lhs")
     # The static scale is used as is (not re-calibrated): the error is bounded by its step.
     dx = jnp.broadcast_to(static / 2, x.shape)
-    dw = half_step(jq.quantize_operand(w, cfg.rhs, (0,)))
+    dw = half_step(jq.core.quantize_operand(w, cfg.rhs, (0,)))
     assert_within(y, dg(x, w, MM), product_error_bound(x, dx, w, dw, MM), "static vs float")
     dots = dot_eqns(lambda a, b: jq.dot_general(a, b, MM, config=cfg), xq, w)
     assert dots and all(d == (jnp.int8, jnp.int8, jnp.int32) for d in dots), dots
@@ -349,8 +349,8 @@ def test_qarray_lhs_with_static_per_tensor_scale():
 def test_qarray_on_both_sides(name):
     cfg = CONFIGS[name]
     x, w = rand(0, (16, 128), 2.0, axis=0), rand(1, (128, 24), 2.0, axis=1)
-    xq = jq.quantize_operand(x, cfg.lhs, (1,))
-    wq = jq.quantize_operand(w, cfg.rhs, (0,))
+    xq = jq.core.quantize_operand(x, cfg.lhs, (1,))
+    wq = jq.core.quantize_operand(w, cfg.rhs, (0,))
     a = analyze(cfg, x, w)
     assert_within(qdot(cfg, xq, wq), qdot(cfg, x, w), a.tol, "both QArrays")
     # config=None with QArrays: dequantize, then lax.dot_general.
@@ -438,7 +438,8 @@ def test_flax_dense_hooks_agree():
             if self.hook == "fn":
                 dense = nn.Dense(16, dot_general=jq.make_dot_general(cfg), name="dense")
             else:
-                dense = nn.Dense(16, dot_general_cls=jq.dot_general_cls(cfg), name="dense")
+                hook = functools.partial(jq.make_dot_general, cfg)
+                dense = nn.Dense(16, dot_general_cls=hook, name="dense")
             return nn.relu(dense(x))
 
     x = rand(0, (2, 5, 32))

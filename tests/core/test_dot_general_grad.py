@@ -105,7 +105,7 @@ def test_check_grads_weight_only_fixed_qarray_rhs():
     """With a pre-quantized rhs the product is linear in lhs: numerical = reverse-mode grads."""
     cfg = jq.weight_only("int4", group_size=32)
     w = rand(1, (64, 16))
-    wq = jq.quantize_operand(w, cfg.rhs, (0,))
+    wq = jq.core.quantize_operand(w, cfg.rhs, (0,))
     f = jax.jit(lambda a: jq.dot_general(a, wq, MM, config=cfg))
     check_grads(f, (rand(0, (4, 64)),), order=1, modes=["rev"])
 
@@ -122,7 +122,7 @@ def test_check_grads_unquantized_config(case):
 def test_grads_flow_to_lhs_only_with_qarray_rhs():
     cfg = jq.w8a8()
     x, w = rand(0, (8, 64)), rand(1, (64, 16))
-    wq = jq.quantize_operand(w, cfg.rhs, (0,))
+    wq = jq.core.quantize_operand(w, cfg.rhs, (0,))
     g = rand(2, (8, 16))
     dx, dwq = vjp_of(cfg, x, wq, g)
     xhat, _, what, _ = dequantized_operands(cfg, x, w, MM)

@@ -87,7 +87,7 @@ def test_sharded_serving_qarray_weight():
     mesh = _mesh((2, 4))
     xs, ws = _layouts(mesh)
     x, w = rand(0, (M, K)), rand(1, (K, N))
-    wq = jq.quantize_operand(w, cfg.rhs, (0,))
+    wq = jq.core.quantize_operand(w, cfg.rhs, (0,))
     wqd = jax.device_put(wq, jax.tree.map(lambda _: ws, wq))
     f = jax.jit(lambda a, b: jq.dot_general(a, b, MM, config=cfg))
     y = f(jax.device_put(x, xs), wqd)
@@ -105,11 +105,11 @@ def test_scales_follow_shardings(name):
     mesh = _mesh((2, 4))
     xs, ws = _layouts(mesh)
     xd, wd = jax.device_put(rand(0, (M, K)), xs), jax.device_put(rand(1, (K, N)), ws)
-    qw = jax.jit(lambda b: jq.quantize_operand(b, cfg.rhs, (0,)))(wd)
+    qw = jax.jit(lambda b: jq.core.quantize_operand(b, cfg.rhs, (0,)))(wd)
     assert qw.scale.sharding.is_equivalent_to(ws, 2), qw.scale.sharding
     assert qw.qvalue.sharding.is_equivalent_to(ws, 2), qw.qvalue.sharding
     if cfg.lhs is not None:
-        qx = jax.jit(lambda a: jq.quantize_operand(a, cfg.lhs, (1,)))(xd)
+        qx = jax.jit(lambda a: jq.core.quantize_operand(a, cfg.lhs, (1,)))(xd)
         assert qx.scale.sharding.is_equivalent_to(xs, 2), qx.scale.sharding
 
 

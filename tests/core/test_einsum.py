@@ -82,7 +82,7 @@ def test_einsum_attention_runs_on_int8():
 def test_einsum_with_qarray_rhs():
     cfg = jq.weight_only("int4", group_size=16)
     x, w = rand(0, (2, 3, 32)), rand(1, (32, 5))
-    wq = jq.quantize_operand(w, cfg.rhs, (0,))
+    wq = jq.core.quantize_operand(w, cfg.rhs, (0,))
     y = jax.jit(lambda a, b: jq.einsum("bsd,dh->bsh", a, b, config=cfg))(x, wq)
     expected = jnp.einsum("bsd,dh->bsh", x, wq.dequantize(), precision=jax.lax.Precision.HIGHEST)
     k, eps = x.shape[-1], float(jnp.finfo(jnp.float32).eps)

@@ -242,7 +242,7 @@ def test_non_finite_raises_eagerly(bad, dtype):
     with pytest.raises(ValueError, match=r"non-finite.*\(2, 1\)"):
         jq.quantize(x, jq.QuantSpec(qtype="int8"))
     with pytest.raises(ValueError, match="non-finite"):
-        jq.check_finite(x)
+        jq.core.check_finite(x)
 
 
 @pytest.mark.parametrize(
@@ -280,7 +280,7 @@ def test_nan_under_jit_stays_in_its_group(spec):
 
 
 def test_check_finite_is_a_no_op_while_tracing():
-    out = jax.jit(lambda v: (jq.check_finite(v), v * 2)[1])(jnp.array([jnp.nan, 1.0]))
+    out = jax.jit(lambda v: (jq.core.check_finite(v), v * 2)[1])(jnp.array([jnp.nan, 1.0]))
     assert np.isnan(out[0]) and out[1] == 2.0
 
 
@@ -352,7 +352,7 @@ _NBYTES_CASES = [
 @pytest.mark.parametrize(
     ("qtype", "code_bits", "kw", "symmetric"),
     [(*c, True) for c in _NBYTES_CASES]
-    + [(*c, False) for c in _NBYTES_CASES if c[0].startswith("int")],
+    + [(*c, False) for c in _NBYTES_CASES if jq.get_qtype(c[0]).kind is jq.QKind.INT],
 )
 def test_nbytes_is_true_storage(qtype, code_bits, kw, symmetric):
     rows, cols = 256, 6

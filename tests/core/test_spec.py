@@ -92,11 +92,11 @@ def test_bad_layout_raises_at_quantize_time(kwargs, shape, match):
 def test_group_size_must_divide_the_axis(n, g):
     spec = jq.QuantSpec(qtype="int4", channel_axes=(1,), group_size=g)
     if n % g == 0:
-        layout = jq.resolve_layout(spec, (n, 3))
+        layout = jq.core.resolve_layout(spec, (n, 3))
         assert layout.scale_shape == (n // g, 3) and layout.group_axis == 0
         return
     with pytest.raises(ValueError) as err:
-        jq.resolve_layout(spec, (n, 3))
+        jq.core.resolve_layout(spec, (n, 3))
     msg = str(err.value)
     assert f"group_size={g}" in msg and f"size {n}" in msg  # names both sizes
     hint = int(msg.rsplit("e.g. ", 1)[1].rstrip("."))
@@ -150,7 +150,7 @@ def test_int_channel_axes_is_promoted_to_a_tuple():
 )
 def test_qtype_aliases(qtype, name):
     assert jq.QuantSpec(qtype=qtype).qtype == name
-    assert jq.get_qtype(qtype) is jq.QTYPES[name]
+    assert jq.get_qtype(qtype) is jq.core.QTYPES[name]
 
 
 # --- formats -----------------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def test_fp4_codebook_is_e2m1():
 )
 def test_layout_scale_shape(kwargs, shape, scale_shape, group_axis):
     spec = jq.QuantSpec(qtype="int8", **kwargs)
-    layout = jq.resolve_layout(spec, shape)
+    layout = jq.core.resolve_layout(spec, shape)
     assert layout.scale_shape == scale_shape and layout.group_axis == group_axis
     assert all(a >= 0 for a in layout.channel_axes)  # normalised
     # quantize agrees (traced only: shapes are all this needs).

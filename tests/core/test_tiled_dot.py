@@ -39,7 +39,7 @@ CONFIGS = {
 def _served(cfg, case):
     xs, ws, dn = CASES[case]
     x, w = rand(0, xs), rand(1, ws, 1.0, axis=len(ws) - 1)
-    return x, jq.quantize_operand(w, cfg.rhs, dn[0][1]), dn
+    return x, jq.core.quantize_operand(w, cfg.rhs, dn[0][1]), dn
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -98,21 +98,21 @@ def test_int4_tiles_use_code_planes_not_interleaved_codes():
 
 def test_many_rows_and_batch_axes_take_the_reference_path():
     cfg = CONFIGS["int8"]
-    wq = jq.quantize_operand(rand(1, (256, 96)), cfg.rhs, (0,))
+    wq = jq.core.quantize_operand(rand(1, (256, 96)), cfg.rhs, (0,))
     x = rand(0, (tiled_dot.MAX_TILED_ROWS + 1, 256))
     assert tiled_dot.tiled_weight_dot(x, wq, DENSE, None, None, jnp.float32) is None
     x3 = rand(0, (2, 1, 256))
-    wb = jq.quantize_operand(rand(1, (2, 256, 8)), cfg.rhs, (1,))
+    wb = jq.core.quantize_operand(rand(1, (2, 256, 8)), cfg.rhs, (1,))
     dn = (((2,), (1,)), ((0,), (0,)))
     assert tiled_dot.tiled_weight_dot(x3, wb, dn, None, None, jnp.float32) is None
 
 
 def test_tile_rows_respects_groups_and_bytes():
     w = rand(1, (576, 1536))
-    q4 = jq.quantize_operand(w, jq.weight_only("int4", group_size=96).rhs, (0,))
+    q4 = jq.core.quantize_operand(w, jq.weight_only("int4", group_size=96).rhs, (0,))
     c = tiled_dot.tile_rows(q4, target=1536 * 40)
     assert c == 96  # the group is the unit, even above the target
-    q8 = jq.quantize_operand(w, jq.weight_only("int8").rhs, (0,))
+    q8 = jq.core.quantize_operand(w, jq.weight_only("int8").rhs, (0,))
     assert tiled_dot.tile_rows(q8, target=1536 * 40) == 36  # largest divisor of 576 <= 40
     assert tiled_dot.tile_rows(q8, target=10**9) == 288  # at least two tiles
 
@@ -122,11 +122,11 @@ def test_single_row_int8_dot_is_padded_and_exact(shape):
     """One lhs row: the integer product runs on two rows (XLA:CPU's one-row int8 dot is slow)."""
     cfg = jq.w8a8()
     x = rand(0, shape)
-    wq = jq.quantize_operand(rand(1, (512, 128)), cfg.rhs, (1,))
+    wq = jq.core.quantize_operand(rand(1, (512, 128)), cfg.rhs, (1,))
     dn = (((len(shape) - 1,), (1,)), ((), ()))
     y = jax.jit(lambda a, b: jq.dot_general(a, b, dn, config=cfg))(x, wq)
     ref = jq.dot_general_reference(x, wq, dn, config=cfg)
-    xq = jq.quantize_operand(x, cfg.lhs, (len(shape) - 1,))
+    xq = jq.core.quantize_operand(x, cfg.lhs, (len(shape) - 1,))
     assert_within(y, ref, reassoc_tol(xq.dequantize(), wq.dequantize(), dn), "single row w8a8")
     dots = dot_eqns(lambda a, b: jq.dot_general(a, b, dn, config=cfg), x, wq)
     assert dots == [(jnp.int8, jnp.int8, jnp.int32)]
