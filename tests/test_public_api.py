@@ -44,8 +44,9 @@ SNAPSHOT: dict[str, tuple[str, ...]] = {
     "jaxquant.nn": (
         "ActStats", "Attention", "Block", "KVCache", "LayerKVCache", "MLP", "QDense",
         "QDenseGeneral", "QEinsum", "QEmbed", "QuantMode", "QuantReport", "QuantRule", "RMSNorm",
-        "Transformer", "TransformerConfig", "act_stats_init", "act_stats_update",
-        "adjacent_to_half", "apply_rope", "attend", "calibrate", "convert", "decode_step",
+        "StaticActivation", "Transformer", "TransformerConfig", "act_stats_init",
+        "act_stats_update", "adjacent_to_half", "apply_rope", "attend", "calibrate_model",
+        "convert", "decode_step",
         "generate", "half_to_adjacent", "infer_contracting_axes", "init_kv_cache", "kv_cache_bytes",
         "match_rule", "param_bytes", "prefill", "quantize_params", "quantized_interceptor",
         "sample", "serving_param_bytes", "serving_params_shape", "static_scale",

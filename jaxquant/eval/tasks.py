@@ -23,7 +23,7 @@ from jaxquant.models.registry import LoadedModel
 from jaxquant.models.saved import load_quantized
 from jaxquant.nn.config import TransformerConfig
 from jaxquant.nn.modes import QuantMode
-from jaxquant.nn.rules import param_bytes
+from jaxquant.nn.params import param_bytes
 from jaxquant.nn.transformer import Transformer
 from jaxquant.ptq.pipeline import PTQOptions, quantize_model
 from jaxquant.ptq.recipe import Recipe, parse_recipe

@@ -3,7 +3,13 @@
 Layout of ``DIR``::
 
     DIR/params/         the serving params (jaxquant.checkpoint: packed codes + scales)
-    DIR/jaxquant.json   recipe, source model, base TransformerConfig, versions
+    DIR/jaxquant.json   the full serving TransformerConfig (rules and attention configs
+                        included), the recipe, source model and versions
+
+The sidecar's ``transformer_config`` is ``TransformerConfig.to_dict()`` (format 2), so a model
+quantized by any rules restores without a recipe. Format 1 sidecars (written before the rules
+were stored) hold the config without ``quant_rules`` / attention configs; their serving config
+is rebuilt from the ``recipe`` string.
 
 The two are one atomic unit: :func:`save_quantized` writes both into a staging folder next to
 ``DIR`` and swaps it in with two renames, so a killed save never pairs new params with an old
@@ -13,7 +19,6 @@ sidecar. A crash between the two renames leaves the finished new folder under it
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -25,11 +30,9 @@ from typing import Any
 from jaxquant import checkpoint
 from jaxquant.errors import CorruptCheckpointError, JaxquantError
 from jaxquant.nn.config import TransformerConfig
-from jaxquant.ptq.pipeline import serving_config
-from jaxquant.ptq.recipe import parse_recipe
 
 SIDECAR = "jaxquant.json"
-_SKIP = ("quant_rules", "attn_qk_config", "attn_pv_config")
+FORMAT = 2
 
 
 def save_quantized(
@@ -48,13 +51,13 @@ def save_quantized(
     check_writable(out, force=force)
     _remove_leftovers(out)
     staging = out.with_name(f"{out.name}{_NEW}{uuid.uuid4().hex[:8]}")
-    base = {
-        f.name: getattr(serve_cfg, f.name)
-        for f in dataclasses.fields(serve_cfg)
-        if f.name not in _SKIP
-    }
     checkpoint.save(staging / "params", params)
-    sidecar = {"format": 1, "recipe": info["recipe"], "info": info, "transformer_config": base}
+    sidecar = {
+        "format": FORMAT,
+        "recipe": info.get("recipe"),  # for reference; loading needs only transformer_config
+        "info": info,
+        "transformer_config": serve_cfg.to_dict(),
+    }
     tmp = staging / (SIDECAR + ".tmp")
     tmp.write_text(json.dumps(sidecar, indent=2, default=str))
     tmp.replace(staging / SIDECAR)  # the staging folder is complete from here on
@@ -162,13 +165,31 @@ def load_quantized(directory: str | os.PathLike) -> tuple[TransformerConfig, Any
         )
     try:
         sidecar = json.loads(side.read_text())
-        if not isinstance(sidecar, dict) or "recipe" not in sidecar:
-            raise ValueError("not a JSON object with a recipe")
+        if not isinstance(sidecar, dict) or "transformer_config" not in sidecar:
+            raise ValueError("not a JSON object with a transformer_config")
+        fmt = sidecar.get("format", 1)
+        if fmt == 1 and "recipe" not in sidecar:
+            raise ValueError("a format 1 sidecar without a recipe")
     except (ValueError, UnicodeDecodeError) as e:
         raise CorruptCheckpointError(
             f"{side} is damaged ({e}); it holds the recipe and model config of {directory}. "
             "Write the checkpoint again with `jaxquant ptq --out ... --force`."
         ) from e
-    base = TransformerConfig.from_dict(sidecar["transformer_config"])
-    serve_cfg = serving_config(base, parse_recipe(sidecar["recipe"]))
+    if fmt == 1:
+        serve_cfg = _format1_serving_config(sidecar)
+    elif fmt == FORMAT:
+        serve_cfg = TransformerConfig.from_dict(sidecar["transformer_config"])
+    else:
+        raise ValueError(
+            f"{side} has format {fmt!r}; this jaxquant reads formats 1 and {FORMAT}. Upgrade "
+            "jaxquant to read it."
+        )
     return serve_cfg, checkpoint.restore(directory / "params"), sidecar
+
+
+def _format1_serving_config(sidecar: dict) -> TransformerConfig:
+    """Format 1 stored the config without its rules: rebuild them from the recipe string."""
+    from jaxquant.ptq import parse_recipe, serving_config
+
+    base = TransformerConfig.from_dict(sidecar["transformer_config"])
+    return serving_config(base, parse_recipe(sidecar["recipe"]))

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from jaxquant.core.dot_config import DotGeneralConfig
 from jaxquant.core.qtypes import canonical_qtype
+from jaxquant.core.serialization import fields_to_dict
 from jaxquant.nn.rules import QuantRule
 
 ROPE_LAYOUTS = ("adjacent", "half")
@@ -143,15 +144,32 @@ class TransformerConfig:
     def compute_dtype(self):
         return jnp.dtype(self.dtype)
 
-    # --- construction ----------------------------------------------------------------------------
+    # --- construction and serialization -------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict of every field, the rules and attention configs included (as dicts).
+
+        ``TransformerConfig.from_dict(cfg.to_dict()) == cfg``.
+        """
+        return fields_to_dict(self)
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], **overrides) -> TransformerConfig:
-        """From the loaders' config dict (unknown keys raise, so typos don't pass silently)."""
+        """From :meth:`to_dict`'s dict or the loaders' config dict (unknown keys raise, so typos
+        don't pass silently). ``quant_rules`` and the attention configs may be given as dicts
+        (as :meth:`to_dict` writes them) or as objects."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"Unknown TransformerConfig keys {unknown}; known: {sorted(names)}.")
-        return cls(**{**dict(d), **overrides})
+        kw = {**dict(d), **overrides}
+        if "quant_rules" in kw and not isinstance(kw["quant_rules"], QuantRule):
+            kw["quant_rules"] = tuple(
+                QuantRule.from_dict(r) if isinstance(r, Mapping) else r for r in kw["quant_rules"]
+            )
+        for name in ("attn_qk_config", "attn_pv_config"):
+            if isinstance(kw.get(name), Mapping):
+                kw[name] = DotGeneralConfig.from_dict(kw[name])
+        return cls(**kw)
 
     @classmethod
     def tiny(cls, **overrides) -> TransformerConfig:

@@ -20,7 +20,7 @@ import numpy as np
 from jaxquant.core import QArray, QuantSpec, quantize
 from jaxquant.core.qtypes import get_qtype
 from jaxquant.nn.config import TransformerConfig
-from jaxquant.nn.rules import param_bytes
+from jaxquant.nn.params import param_bytes
 
 
 class LayerKVCache(NamedTuple):

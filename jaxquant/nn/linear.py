@@ -28,36 +28,59 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant.core import QArray, quantize
+from jaxquant.core import QArray, gather_rows, quantize
 from jaxquant.core.dot_config import DotGeneralConfig
 from jaxquant.core.dot_general import dot_general, einsum, operand_spec, quantize_operand
+from jaxquant.core.einsum_spec import parse_einsum
 from jaxquant.nn.modes import (
-    STATIC_METHODS,
     STATS_COLLECTION,
     QuantMode,
+    StaticActivation,
     act_stats_init,
     act_stats_update,
+    static_activation_method,
     static_scale,
 )
-from jaxquant.nn.rules import gather_rows
 
 Initializer = Callable[..., jax.Array]
 default_kernel_init = nn.initializers.lecun_normal()
 
 
-def _einsum_parts(eq: str):
-    eq = eq.replace(" ", "")
-    if "->" not in eq or eq.count(",") != 1:
-        raise ValueError(f"einsum_str must look like 'lhs,rhs->out', got {eq!r}.")
-    ins, out = eq.split("->")
-    la, ra = ins.split(",")
-    return la, ra, out
+def _kw(default):
+    """A keyword-only field: the shared fields of :class:`QuantizedLinear` come first in the
+    dataclass (Flax puts inherited fields first), so keyword-only keeps ``QDense(16, ...)``."""
+    return dataclasses.field(default=default, kw_only=True)
 
 
-class _QuantizedLinear:
-    """Shared machinery (a mixin). Subclasses are linen modules with the fields ``config``,
-    ``mode``, ``static_activation``, ``dtype``, ``param_dtype``, ``precision``, ``kernel_init``
-    and ``stats_percentile``; they define the kernel shape and the dimension numbers."""
+class QuantizedLinear(nn.Module):
+    """Base of the quantized linear layers: their shared (keyword-only) fields and the mode
+    machinery. Subclasses give the kernel shape and the dimension numbers and call
+    :meth:`_apply`.
+
+    Attributes:
+      config: :class:`DotGeneralConfig` or None (float).
+      mode: :class:`QuantMode`.
+      static_activation: None, or a :class:`~jaxquant.nn.modes.StaticActivation` (or its
+        value, ``"absmax"`` / ``"percentile"``; see :class:`~jaxquant.nn.rules.QuantRule`).
+      dtype: compute dtype (None: the input's).
+      param_dtype: dtype of the float kernel.
+      precision: passed to the float products.
+      kernel_init: initializer of the float kernel.
+      stats_percentile: ``p`` of the running percentile in CALIBRATE mode (None skips it).
+    """
+
+    config: DotGeneralConfig | None = _kw(None)
+    mode: QuantMode = _kw(QuantMode.TRAIN)
+    static_activation: StaticActivation | str | None = _kw(None)
+    dtype: Any = _kw(None)
+    param_dtype: Any = _kw(jnp.float32)
+    precision: Any = _kw(None)
+    kernel_init: Initializer = _kw(default_kernel_init)
+    stats_percentile: float | None = _kw(99.99)
+
+    def kernel_contracting_axes(self, *_) -> tuple[int, ...]:
+        """The kernel's contracting axes (what ``quantize_operand`` gets)."""
+        raise NotImplementedError
 
     def _kernel(self, shape, k_contract):
         """The kernel param: float, or in SERVE mode (with a quantizing config) a QArray."""
@@ -71,18 +94,18 @@ class _QuantizedLinear:
             return self.param("kernel", init, shape, self.param_dtype)
         return self.param("kernel", self.kernel_init, shape, self.param_dtype)
 
-    def _static_lhs(self, x, x_contract):
+    def _static_lhs(self, x, x_contract, method: StaticActivation):
         """In CONVERT / SERVE with ``static_activation``: ``x`` quantized with the stored scale."""
         spec = operand_spec(self.config.lhs, x.ndim, x_contract)
         if self.mode == QuantMode.CONVERT:
             if not self.has_variable(STATS_COLLECTION, "lhs"):
                 raise ValueError(
-                    f"{'/'.join(self.path)} uses static_activation={self.static_activation!r} but "
-                    "no quant_stats were given: run jaxquant.nn.calibrate(...) first and pass "
-                    "quant_stats= to convert."
+                    f"{'/'.join(self.path)} uses static_activation={method.value!r} but "
+                    "no quant_stats were given: run jaxquant.nn.calibrate_model(...) first and "
+                    "pass quant_stats= to convert."
                 )
             stats = self.get_variable(STATS_COLLECTION, "lhs")
-            scale, zp = static_scale(stats, self.config.lhs, self.static_activation)
+            scale, zp = static_scale(stats, self.config.lhs, method)
             self.put_variable("params", "lhs_scale", scale)
             if zp is not None:
                 self.put_variable("params", "lhs_zero_point", zp)
@@ -104,17 +127,7 @@ class _QuantizedLinear:
             x = x.astype(self.dtype)
         kernel = self._kernel(kernel_shape, k_contract)
         cfg = self.config
-        if self.static_activation is not None:
-            if self.static_activation not in STATIC_METHODS:
-                raise ValueError(
-                    f"static_activation must be None or one of {STATIC_METHODS}, got "
-                    f"{self.static_activation!r}."
-                )
-            if cfg is None or cfg.lhs is None or cfg.lhs.group_size is not None:
-                raise ValueError(
-                    "static_activation needs a config quantizing the activations (lhs) without "
-                    "groups, e.g. w8a8()."
-                )
+        static = static_activation_method(self.static_activation, cfg)
         if self.mode == QuantMode.CALIBRATE:
             xc = jnp.moveaxis(x, x_contract, tuple(range(x.ndim - len(x_contract), x.ndim)))
             chan = tuple(x.shape[a] for a in x_contract)
@@ -128,8 +141,8 @@ class _QuantizedLinear:
             # Quantize what TRAIN quantizes: the kernel cast to the compute dtype.
             kernel = quantize_operand(self._cast(kernel), cfg.rhs, k_contract)
             self.put_variable("params", "kernel", kernel)
-        if self.static_activation is not None and self.mode in (QuantMode.CONVERT, QuantMode.SERVE):
-            x = self._static_lhs(x, x_contract)
+        if static is not None and self.mode in (QuantMode.CONVERT, QuantMode.SERVE):
+            x = self._static_lhs(x, x_contract, static)
         return product(x, self._cast(kernel), cfg)
 
     def _cast(self, kernel):
@@ -140,17 +153,17 @@ class _QuantizedLinear:
         return kernel.astype(self.dtype)
 
 
-class QDense(_QuantizedLinear, nn.Module):
+class QDense(QuantizedLinear):
     """A Dense layer (no bias by default) whose product is a quantized ``dot_general``.
 
     ``kernel``: ``[in, features]``, contracting axis 0. Input ``[..., in]`` -> ``[..., features]``.
+    The other fields (``config``, ``mode``, ``static_activation``, ...) are keyword-only; see
+    :class:`QuantizedLinear`.
 
     Attributes:
       features: output size.
-      config: :class:`DotGeneralConfig` or None (float).
-      mode: :class:`QuantMode`.
-      static_activation: None, ``"absmax"`` or ``"percentile"`` (see :class:`QuantRule`).
       use_bias: add a float bias (kept float in every mode).
+      bias_init: initializer of the bias.
 
     Example:
       >>> layer = QDense(16, config=w8a8())
@@ -158,14 +171,6 @@ class QDense(_QuantizedLinear, nn.Module):
     """
 
     features: int
-    config: DotGeneralConfig | None = None
-    mode: QuantMode = QuantMode.TRAIN
-    static_activation: str | None = None
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    precision: Any = None
-    kernel_init: Initializer = default_kernel_init
-    stats_percentile: float | None = 99.99
     use_bias: bool = False
     bias_init: Initializer = nn.initializers.zeros
 
@@ -189,7 +194,7 @@ class QDense(_QuantizedLinear, nn.Module):
         return y
 
 
-class QDenseGeneral(_QuantizedLinear, nn.Module):
+class QDenseGeneral(QuantizedLinear):
     """A DenseGeneral: contracts the input's ``axis`` with the kernel's leading axes.
 
     ``kernel``: ``[*x.shape[axis], *features]``. Output: the input's other axes, then ``features``.
@@ -201,14 +206,6 @@ class QDenseGeneral(_QuantizedLinear, nn.Module):
 
     features: int | Sequence[int]
     axis: int | Sequence[int] = -1
-    config: DotGeneralConfig | None = None
-    mode: QuantMode = QuantMode.TRAIN
-    static_activation: str | None = None
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    precision: Any = None
-    kernel_init: Initializer = default_kernel_init
-    stats_percentile: float | None = 99.99
 
     def _axes(self, ndim):
         axis = self.axis if isinstance(self.axis, Sequence) else (self.axis,)
@@ -234,10 +231,14 @@ class QDenseGeneral(_QuantizedLinear, nn.Module):
         return self._apply(x, shape, xa, ka, product)
 
 
-class QEinsum(_QuantizedLinear, nn.Module):
+class QEinsum(QuantizedLinear):
     """An einsum ``"lhs,rhs->out"`` of the input with a kernel of shape ``shape``.
 
     The kernel's contracting axes are its indices that appear in the input but not the output.
+
+    Attributes:
+      shape: the kernel's shape.
+      einsum_str: ``"lhs,rhs->out"`` (lhs the input, rhs the kernel).
 
     Example:
       >>> layer = QEinsum(shape=(8, 4, 16), einsum_str="bsd,dhk->bshk", config=w8a8())
@@ -245,34 +246,24 @@ class QEinsum(_QuantizedLinear, nn.Module):
 
     shape: Sequence[int]
     einsum_str: str
-    config: DotGeneralConfig | None = None
-    mode: QuantMode = QuantMode.TRAIN
-    static_activation: str | None = None
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    precision: Any = None
-    kernel_init: Initializer = default_kernel_init
-    stats_percentile: float | None = 99.99
 
     def kernel_contracting_axes(self, *_) -> tuple[int, ...]:
-        la, ra, out = _einsum_parts(self.einsum_str)
-        return tuple(ra.index(c) for c in ra if c in la and c not in out)
+        return parse_einsum(self.einsum_str).rhs_contracting
 
     @nn.compact
     def __call__(self, x):
-        la, ra, out = _einsum_parts(self.einsum_str)
-        if len(ra) != len(self.shape):
+        spec = parse_einsum(self.einsum_str, jnp.ndim(x))
+        if len(spec.rhs) != len(self.shape):
             raise ValueError(
-                f"einsum_str {self.einsum_str!r} has {len(ra)} kernel axes, shape {self.shape}."
+                f"einsum_str {self.einsum_str!r} has {len(spec.rhs)} kernel axes, shape {self.shape}."
             )
-        labels = [c for c in ra if c in la and c not in out]
-        xa = tuple(la.index(c) for c in labels)
-        ka = tuple(ra.index(c) for c in labels)
 
         def product(x, k, cfg):
             return einsum(self.einsum_str, x, k, config=cfg, precision=self.precision)
 
-        return self._apply(x, tuple(self.shape), xa, ka, product)
+        return self._apply(
+            x, tuple(self.shape), spec.lhs_contracting, spec.rhs_contracting, product
+        )
 
 
 class QEmbed(nn.Module):

@@ -1,4 +1,4 @@
-"""Quantization modes, activation statistics, and the calibrate / convert drivers.
+"""Quantization modes, activation statistics, and the calibrate_model / convert drivers.
 
 A model built from :class:`~jaxquant.nn.QDense` (and friends) runs in one of four modes:
 
@@ -31,10 +31,68 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant.core import compute_scale
+from jaxquant.core.dot_config import DotGeneralConfig
 from jaxquant.core.spec import QuantSpec
 
 STATS_COLLECTION = "quant_stats"
-STATIC_METHODS = ("absmax", "percentile")
+
+
+class StaticActivation(str, enum.Enum):
+    """How a static (per-tensor, calibrated) activation scale is taken from :class:`ActStats`.
+
+    * ``ABSMAX``: the running min / max.
+    * ``PERCENTILE``: the running mean of each batch's percentiles (ignores rare outliers).
+
+    A ``str`` enum: ``StaticActivation.ABSMAX == "absmax"``; fields accept either spelling.
+    """
+
+    ABSMAX = "absmax"
+    PERCENTILE = "percentile"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def static_activation_method(
+    method: str | StaticActivation | None,
+    config: DotGeneralConfig | None = None,
+    *,
+    check_config: bool = True,
+) -> StaticActivation | None:
+    """Validates a ``static_activation`` setting (of a rule or a layer) against its config.
+
+    Args:
+      method: None (dynamic activation scales), a :class:`StaticActivation` or its value.
+      config: the layer's config; with ``check_config`` it must quantize the activations
+        (``config.lhs``) without groups.
+      check_config: False checks only the method.
+
+    Returns:
+      The :class:`StaticActivation`, or None.
+
+    Raises:
+      ValueError: for an unknown method, or a config without a per-tensor lhs spec.
+    """
+    if method is None:
+        return None
+    try:
+        method = StaticActivation(method)
+    except ValueError:
+        raise ValueError(
+            f"static_activation must be None or one of {[m.value for m in StaticActivation]}, "
+            f"got {method!r}."
+        ) from None
+    if check_config:
+        if config is None or config.lhs is None:
+            raise ValueError(
+                "static_activation needs a config that quantizes the activations (lhs), "
+                "e.g. w8a8(); weight-only configs have no activation scale."
+            )
+        if config.lhs.group_size is not None:
+            raise ValueError(
+                "static_activation uses one per-tensor scale; drop group_size from the lhs spec."
+            )
+    return method
 
 
 class QuantMode(enum.Enum):
@@ -123,23 +181,23 @@ def act_stats_update(
 
 
 def static_scale(
-    stats: ActStats, spec: QuantSpec, method: str = "absmax"
+    stats: ActStats, spec: QuantSpec, method: str | StaticActivation = StaticActivation.ABSMAX
 ) -> tuple[jax.Array, jax.Array | None]:
     """One per-tensor ``(scale, zero_point)`` for the activations ``stats`` describe.
 
     Args:
       stats: accumulated :class:`ActStats` (at least one update).
       spec: the activation (lhs) spec: format and symmetry.
-      method: ``"absmax"`` (the running min/max) or ``"percentile"`` (the running percentiles).
+      method: a :class:`StaticActivation` (or its value).
 
     Returns:
       ``(scale, zero_point)``, each ``[]`` (``zero_point`` None when symmetric).
     """
-    if method not in STATIC_METHODS:
-        raise ValueError(
-            f"Unknown static activation method {method!r}; use one of {STATIC_METHODS}."
-        )
-    lo, hi = (stats.min, stats.max) if method == "absmax" else (stats.pct_lo, stats.pct_hi)
+    method = static_activation_method(method, check_config=False)
+    if method is StaticActivation.ABSMAX:
+        lo, hi = stats.min, stats.max
+    else:
+        lo, hi = stats.pct_lo, stats.pct_hi
     # An empty statistic (count 0) has lo=inf, hi=-inf: fall back to a zero range (scale 1).
     lo = jnp.where(jnp.isfinite(lo), jnp.minimum(lo, 0.0), 0.0)
     hi = jnp.where(jnp.isfinite(hi), jnp.maximum(hi, 0.0), 0.0)
@@ -149,10 +207,12 @@ def static_scale(
 # --- drivers ------------------------------------------------------------------------------------
 
 
-def calibrate(
+def calibrate_model(
     model: nn.Module, params: Any, batches: Iterable[Any], *, quant_stats: Any = None
 ) -> Any:
     """Runs ``model`` in ``CALIBRATE`` mode over ``batches`` and returns the ``quant_stats``.
+
+    (Not :func:`jaxquant.calibrate`, which computes the range of one tensor.)
 
     Args:
       model: a module with a ``mode`` attribute (e.g. :class:`~jaxquant.nn.Transformer`).
@@ -164,7 +224,7 @@ def calibrate(
       The ``quant_stats`` collection (a tree of :class:`ActStats`, keyed by module path).
 
     Example:
-      >>> stats = calibrate(model, params, [tokens[:8], tokens[8:]])  # doctest: +SKIP
+      >>> stats = calibrate_model(model, params, [tokens[:8], tokens[8:]])  # doctest: +SKIP
     """
     cal = model.clone(mode=QuantMode.CALIBRATE)
     stats = quant_stats
@@ -173,7 +233,7 @@ def calibrate(
         stats = _calibrate_step(cal, params, stats, batch if isinstance(batch, tuple) else (batch,))
         n += 1
     if n == 0:
-        raise ValueError("calibrate got no batches; pass at least one input batch.")
+        raise ValueError("calibrate_model got no batches; pass at least one input batch.")
     return stats
 
 
@@ -190,7 +250,7 @@ def convert(model: nn.Module, params: Any, *example_args: Any, quant_stats: Any 
       params: its float params.
       *example_args: one input to trace the model with (its values don't matter). Omit it for
         models that define ``example_inputs()`` (the :class:`~jaxquant.nn.Transformer` does).
-      quant_stats: from :func:`calibrate`; needed when a layer uses static activation scales.
+      quant_stats: from :func:`calibrate_model`; needed when a layer uses static activation scales.
 
     Returns:
       The serving params (QArray leaves for the quantized kernels).

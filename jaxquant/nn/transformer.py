@@ -32,7 +32,8 @@ from jaxquant.nn.attention import Attention, qdense
 from jaxquant.nn.config import TransformerConfig
 from jaxquant.nn.linear import QEmbed
 from jaxquant.nn.modes import QuantMode
-from jaxquant.nn.rules import config_for, module_path, param_bytes
+from jaxquant.nn.params import param_bytes
+from jaxquant.nn.rules import config_for, module_path
 from jaxquant.nn.sites import Site, SiteTable
 
 

@@ -16,7 +16,7 @@ from jaxquant.nn import (
     QuantMode,
     act_stats_init,
     act_stats_update,
-    calibrate,
+    calibrate_model,
     convert,
 )
 
@@ -84,7 +84,7 @@ def test_calibrate_and_static_activation():
     params = layer.init(jax.random.key(0), X)["params"]
     with pytest.raises(ValueError, match="calibrate"):
         convert(layer, params, X)
-    stats = calibrate(layer, params, [X, 0.5 * X])
+    stats = calibrate_model(layer, params, [X, 0.5 * X])
     assert float(stats["lhs"].max) == pytest.approx(float(jnp.max(X)))
     sp = convert(layer, params, X, quant_stats=stats)
     s = float(sp["lhs_scale"])

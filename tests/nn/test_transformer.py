@@ -127,7 +127,7 @@ def test_static_activation_scales(tiny_params):
     cfg = TINY.with_quantization(w8a8(), static_activation="absmax")
     model = Transformer(cfg)
     params = tiny_params
-    stats = jqn.calibrate(model, params, [TOKENS[:1], TOKENS[1:]])
+    stats = jqn.calibrate_model(model, params, [TOKENS[:1], TOKENS[1:]])
     sp = jqn.convert(model, params, quant_stats=stats)
     q = sp["block_0"]["attn"]["q_proj"]
     absmax = max(
