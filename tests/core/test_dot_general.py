@@ -16,12 +16,14 @@ import dataclasses
 import functools
 from typing import NamedTuple
 
+import chex
 import flax.linen as nn
 import jax
 import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from jax import lax
 
 import jaxquant as jq
@@ -189,32 +191,25 @@ def assert_within(actual, expected, tol, what=""):
 # --- agreement with the reference ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_matches_reference_and_error_bound(name):
-    cfg = CONFIGS[name]
-    # Rows of x and columns of w span two decades: a per-tensor scale would break the bound.
-    x, w = rand(0, (16, 128), 2.0, axis=0), rand(1, (128, 24), 2.0, axis=1)
-    y = qdot(cfg, x, w)
-    a = analyze(cfg, x, w)
-    assert y.shape == a.ref.shape == (16, 24) and y.dtype == jnp.float32
-    assert_within(y, a.ref, a.tol, f"{name} fast path vs reference")
-    # The reference itself is "dequantize, then float dot" of the operands quantized per row /
-    # column (or group), computed here independently of dot_general.
-    assert_within(a.ref, a.definition, a.tol, f"{name} reference vs definition")
-    assert_within(y, a.exact, a.bound, f"{name} vs float, bounded by the steps")
-    assert float(jnp.max(jnp.abs(y - a.exact))) > 0  # it really quantized
+class MatchesReferenceTest(chex.TestCase):
+    """The fast path, jitted and not (chex variants), against the independent reference."""
 
-
-@pytest.mark.parametrize("name", ["w8a8", "wo_int4_g32", "fp8", "grouped_int8_x_int4"])
-def test_eager_equals_jit(name):
-    cfg = CONFIGS[name]
-    x, w = rand(0, (16, 128), 2.0, axis=0), rand(1, (128, 24), 2.0, axis=1)
-    assert_within(
-        jq.dot_general(x, w, MM, config=cfg),
-        qdot(cfg, x, w),
-        analyze(cfg, x, w).tol,
-        f"{name} eager vs jit",
-    )
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(*((name, name) for name in CONFIGS))
+    def test_matches_reference_and_error_bound(self, name):
+        cfg = CONFIGS[name]
+        # Rows of x and columns of w span two decades: a per-tensor scale would break the bound.
+        x, w = rand(0, (16, 128), 2.0, axis=0), rand(1, (128, 24), 2.0, axis=1)
+        y = self.variant(lambda a, b: jq.dot_general(a, b, MM, config=cfg))(x, w)
+        a = analyze(cfg, x, w)
+        chex.assert_shape([y, a.ref], (16, 24))
+        chex.assert_type(y, jnp.float32)
+        assert_within(y, a.ref, a.tol, f"{name} fast path vs reference")
+        # The reference itself is "dequantize, then float dot" of the operands quantized per
+        # row / column (or group), computed here independently of dot_general.
+        assert_within(a.ref, a.definition, a.tol, f"{name} reference vs definition")
+        assert_within(y, a.exact, a.bound, f"{name} vs float, bounded by the steps")
+        assert float(jnp.max(jnp.abs(y - a.exact))) > 0  # it really quantized
 
 
 def test_operand_scale_layout():
