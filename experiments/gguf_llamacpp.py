@@ -146,6 +146,9 @@ def run(args) -> dict:
     result = {"model": args.model, "source": str(source), "tokens_scored": int(windows.size -
               len(windows)), "windows": [int(x) for x in windows.shape], "environment": env,
               "rows": []}
+    if args.append and args.json and Path(args.json).is_file():  # add rows to an earlier run
+        result["rows"] = json.loads(Path(args.json).read_text())["rows"]
+    done = {r["name"] for r in result["rows"]}
 
     def save():
         if args.json:
@@ -153,6 +156,8 @@ def run(args) -> dict:
             Path(args.json).write_text(json.dumps(result, indent=2, default=str))
 
     def row(name, path, jq_logp=None, **extra):
+        if name in done:
+            return None
         ll, sec = llama_logprobs(path, windows, args.threads)
         r = {"name": name, "file": path.name, "bytes": path.stat().st_size,
              "types": _type_counts(path), "llama_ppl": _ppl(ll),
@@ -169,9 +174,11 @@ def run(args) -> dict:
         return r
 
     # (b) the original GGUF, and jaxquant's float model exported as all-F32.
-    fp32 = jaxquant_logprobs(model.cfg, model.params, windows)
-    row("original GGUF (llama.cpp) vs jaxquant fp32", source, fp32, kind="original")
     f32_file = work / "jaxquant-f32.gguf"
+    fp32 = None
+    if not {"original GGUF (llama.cpp) vs jaxquant fp32", "jaxquant fp32 exported F32"} <= done:
+        fp32 = jaxquant_logprobs(model.cfg, model.params, windows)
+    row("original GGUF (llama.cpp) vs jaxquant fp32", source, fp32, kind="original")
     write_gguf(f32_file, model.cfg, model.params, source, ExportOptions(float_type="f32"))
     row("jaxquant fp32 exported F32", f32_file, fp32, kind="f32")
     # (a) jaxquant recipes, exported.
@@ -179,6 +186,8 @@ def run(args) -> dict:
     if args.gptq_checkpoint:
         recipes.append(args.gptq_checkpoint)
     for recipe in recipes:
+        if f"jaxquant {recipe}" in done:
+            continue
         t0 = time.perf_counter()
         if Path(recipe).is_dir():
             cfg, params, sidecar = load_quantized(recipe)
@@ -188,6 +197,8 @@ def run(args) -> dict:
                                                calib_windows=args.calib_windows, progress=False)
             name = recipe
         path = work / f"jaxquant-{name.replace(':', '-')}.gguf"
+        if f"jaxquant {name}" in done:
+            continue
         write_gguf(path, cfg, params, source)
         logp = jaxquant_logprobs(cfg, params, windows)
         row(f"jaxquant {name}", path, logp, kind="jaxquant", recipe=name,
@@ -222,6 +233,8 @@ def main(argv=None) -> int:
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--work", default="/tmp/jaxquant-gguf", help="where the .gguf files go")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows already in --json and add the missing ones")
     p.add_argument("--json", default=str(ROOT / "experiments/results/gguf_llamacpp.json"))
     run(p.parse_args(argv))
     return 0
