@@ -111,10 +111,21 @@ def _cmd_generate(args) -> int:
     from jaxquant.models.registry import load
 
     model = load(args.model)
+    if not args.chat:
+        print(args.prompt, end="", flush=True)
+
+    def show(piece):
+        print(piece, end="", flush=True)
+
     result = generate_text(model, args.prompt, recipe=_recipe(args.quant),
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           kv_cache_qtype=args.kv_cache, seed=args.seed)
-    print(result["prompt"] + result["completion"])
+                           kv_cache_qtype=args.kv_cache, seed=args.seed, chat=args.chat,
+                           on_text=show)
+    tps = result["decode_tokens_per_s"]
+    print(f"\n\n[{len(result['tokens'])} tokens, stopped by {result['stop']}; time to first "
+          f"token {result['time_to_first_token_s'] * 1e3:.0f} ms; decode "
+          f"{'n/a' if tps is None else f'{tps:.1f}'} tok/s; compile "
+          f"{result['compile_seconds']:.1f} s (not in the timings)]", file=sys.stderr)
     _write_json(args.json, result)
     return 0
 
@@ -147,7 +158,24 @@ def _cmd_demo(args) -> int:
 def _cmd_bench(args) -> int:
     from jaxquant.eval import bench
 
-    result = bench.run(quick=args.quick)
+    shapes = None
+    if args.dot_shapes:
+        shapes = [tuple(int(v) for v in t.lower().split("x")) for t in args.dot_shapes.split(",")]
+        if any(len(t) != 3 for t in shapes):
+            raise ValueError(f"--dot-shapes takes MxKxN,... (e.g. 2048x2048x2048); got "
+                             f"{args.dot_shapes!r}.")
+    decode = {}
+    if args.recipes:
+        decode["recipes"] = tuple(args.recipes.split(","))
+    if args.batches:
+        decode["batches"] = tuple(int(b) for b in args.batches.split(","))
+    if args.kv_caches:
+        decode["kv_caches"] = tuple(None if k == "float" else k for k in args.kv_caches.split(","))
+    if args.decode_steps:
+        decode["decode_steps"] = args.decode_steps
+        decode["rounds"] = min(8, args.decode_steps)
+    result = bench.run(quick=args.quick, dot_shapes=shapes, decode_kwargs=decode or None,
+                       llama=not args.no_llama)
     print("\n" + bench.markdown(result))
     _write_json(args.json, result)
     return 0
@@ -228,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=40)
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     gen.add_argument("--kv-cache", choices=["float", "int8", "int4"], default="float")
+    gen.add_argument("--chat", action="store_true",
+                     help="wrap the prompt as a user turn with the GGUF's chat template")
     gen.set_defaults(func=_cmd_generate)
 
     ex = sub.add_parser("export", help="write a checkpoint as a llama.cpp GGUF file "
@@ -248,6 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="small dot shapes, 32-token prefill and 32 decode steps (a few minutes)")
     be.add_argument("--json", help="write the result as JSON to this path "
                                    "(e.g. experiments/results/bench-cpu.json)")
+    be.add_argument("--dot-shapes", help="dot_general shapes MxKxN,... (default: the preset's)")
+    be.add_argument("--recipes", help="decode recipes, comma-separated (default: "
+                                      "f32,bf16,int8_wo,int4_g128_wo,w8a8,w4a8_g128; also "
+                                      "w3a8_g128, w2a8_g64)")
+    be.add_argument("--batches", help="decode batch sizes, comma-separated (default 1,8)")
+    be.add_argument("--decode-steps", type=int, help="timed decode steps per row")
+    be.add_argument("--kv-caches", help="decode KV caches, comma-separated (default float,int8)")
+    be.add_argument("--no-llama", action="store_true",
+                    help="skip the llama.cpp rows (run when llama_cpp is importable, on CPU)")
     be.set_defaults(func=_cmd_bench)
     return parser
 

@@ -9,7 +9,12 @@ Three parts, one process, one device:
 * **memory**: bytes per parameter, scales included, of each recipe's serving params (from
   abstract shapes: nothing is allocated).
 
-Then the goals of the benchmark issue, each checked against the numbers just measured.
+* **llama.cpp** (:mod:`jaxquant.eval.bench_llama`, when ``llama_cpp`` is importable and the
+  device is a CPU): the same model's GGUF in Q8_0, Q4_0 and Q4_1, batch 1, 2 threads: the
+  yardstick.
+
+Then the goals of the benchmark issues, each checked against the numbers just measured (the CPU
+goals on a CPU, the GPU goals on a GPU).
 
 Example::
 
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import time
 
-from jaxquant.eval import bench_decode, bench_dot
+from jaxquant.eval import bench_decode, bench_dot, bench_llama
 from jaxquant.nn import TransformerConfig, param_bytes, serving_params_shape
 
 # --quick: small dot shapes; decode 16 steps in 4 rounds after 32 cached (not prefilled) tokens.
@@ -32,12 +37,13 @@ FULL = dict(shapes=(bench_dot.FULL_SHAPES[0], bench_dot.FULL_SHAPES[2]), repeats
             decode=dict(prompt_len=128, decode_steps=128, rounds=8, run_prefill=True))
 
 
-def memory(base: TransformerConfig | None = None) -> list[dict]:
-    """Bytes per parameter (codes + scales) of every decode recipe's serving params."""
+def memory(base: TransformerConfig | None = None, recipes=None) -> list[dict]:
+    """Bytes per parameter (codes + scales) of each decode recipe's serving params (default
+    ``bench_decode.DEFAULT_RECIPES``; f32 always first)."""
     base = base or TransformerConfig.smollm2_135m()
     n = bench_decode.n_params(base)
     rows = []
-    for name in bench_decode.RECIPES:
+    for name in dict.fromkeys(["f32", *(recipes or bench_decode.DEFAULT_RECIPES)]):
         tree = serving_params_shape(bench_decode.recipe_config(base, name, None))
         total = param_bytes(tree)
         rows.append({"recipe": name, "n_params": n, "param_bytes": total,
@@ -55,8 +61,13 @@ def _row(rows, **match):
     return None
 
 
+def _speedup(rows, recipe, batch, ref="f32"):
+    r = _row(rows, recipe=recipe, kv_cache="float", batch=batch)
+    return r and r.get(f"speedup_vs_{ref}")
+
+
 def goals(result: dict) -> list[dict]:
-    """The issue's CPU goals, each with the measured figure and whether it is met."""
+    """The issues' goals for this device, each with the measured figure and whether it is met."""
     out = []
 
     def add(goal, target, measured, what):
@@ -65,27 +76,53 @@ def goals(result: dict) -> list[dict]:
                     "shortfall": None if met in (None, True) else target - measured,
                     "measured_as": what})
 
-    shape = next((s for s in result["dot_general"]["shapes"]
-                  if (s["m"], s["k"], s["n"]) == (2048, 2048, 2048)), None)
-    add("W8A8 at 2048^3 vs f32 (speedup)", 1.5,
-        shape and shape["results"]["jq_w8a8"]["speedup_vs_f32"],
-        "jq_w8a8 median / f32 median" if shape else "not measured (2048^3 is not in this run)")
+    def dot_speedup(m, k, n, op, ref):
+        shape = next((s for s in result["dot_general"]["shapes"]
+                      if (s["m"], s["k"], s["n"]) == (m, k, n)), None)
+        r = shape and shape["results"].get(op)
+        return r and r[f"speedup_vs_{ref}"]
+
     rows = result["decode"]["rows"]
-    r = _row(rows, recipe="int8_wo", kv_cache="float", batch=1)
+    tok = "tok/s ratio at batch 1, both with a float KV cache"
+    if result.get("device") != "cpu":
+        for size in (2048, 8192):
+            add(f"W8A8 at {size}^3 vs bf16 (speedup)", 1.6,
+                dot_speedup(size, size, size, "jq_w8a8", "bf16"), "jq_w8a8 median / bf16 median")
+        add("int4 g128 weight-only decode, batch 1, vs bf16", 2.5,
+            _speedup(rows, "int4_g128_wo", 1, "bf16"), tok)
+        add("W4A8 g128 decode, batch 1, vs bf16", 2.5, _speedup(rows, "w4a8_g128", 1, "bf16"), tok)
+        return out
+    add("W8A8 at 2048^3 vs f32 (speedup)", 1.5, dot_speedup(2048, 2048, 2048, "jq_w8a8", "f32"),
+        "jq_w8a8 median / f32 median")
     add("int8 weight-only decode, batch 1, vs f32 (tok/s ratio)", 1.0,
-        r and r["speedup_vs_f32"], "tok/s ratio, both with a float KV cache")
+        _speedup(rows, "int8_wo", 1), tok)
+    add("int4 g128 weight-only decode, batch 1, vs f32", 1.5, _speedup(rows, "int4_g128_wo", 1),
+        tok)
+    add("W4A8 g128 decode, batch 1, vs f32", 1.5, _speedup(rows, "w4a8_g128", 1), tok)
+    add("W8A8 decode, batch 1, vs f32", 2.0, _speedup(rows, "w8a8", 1), tok)
     for recipe, target in (("int8_wo", 3.5), ("int4_g128_wo", 6.0)):
         ratios = [x["memory_reduction_vs_f32"] for x in rows
                   if x["recipe"] == recipe and x["kv_cache"] == "int8"]
         add(f"{recipe}: params + KV cache smaller than f32 (every batch)", target,
             min(ratios) if ratios else None,
             "f32 bytes / recipe bytes (int8 KV vs f32's float KV), the smallest over the batches")
+    llama = {r["format"]: r for r in result.get("llama_cpp", {}).get("rows", []) if "error" not in r}
+    four = [r for r in rows if r["batch"] == 1 and r["kv_cache"] == "float"
+            and r["recipe"] in ("int4_g128_wo", "w4a8_g128")]
+    best = max(four, key=lambda r: r["tokens_per_s"], default=None)
+    add("fastest 4-bit jaxquant recipe, batch 1, vs llama.cpp Q4_0 (2 threads)", 0.75,
+        best and "q4_0" in llama and best["tokens_per_s"] / llama["q4_0"]["tokens_per_s"],
+        f"tok/s ratio ({best['recipe'] if best else 'none'} / llama.cpp Q4_0)" if llama
+        else "not measured (llama_cpp not importable)")
     return out
 
 
 def run(*, quick: bool = False, progress: bool = True, dot_shapes=None,
-        decode_kwargs: dict | None = None) -> dict:
-    """All three parts and the goals; ``dot_shapes`` / ``decode_kwargs`` override the presets."""
+        decode_kwargs: dict | None = None, llama: bool = True) -> dict:
+    """All parts and the goals; ``dot_shapes`` / ``decode_kwargs`` override the presets.
+
+    ``llama=False`` skips the llama.cpp rows (they run only on a CPU device anyway).
+    """
     preset = QUICK if quick else FULL
     t0 = time.time()
     result = {"benchmark": "jaxquant bench", "quick": quick, **bench_dot.environment(),
@@ -94,7 +131,11 @@ def run(*, quick: bool = False, progress: bool = True, dot_shapes=None,
         dot_shapes or preset["shapes"], preset["repeats"], progress=progress)
     kw = {**preset["decode"], **(decode_kwargs or {})}
     result["decode"] = bench_decode.run(progress=progress, **kw)
-    result["memory"] = memory(kw.get("base"))
+    result["memory"] = memory(kw.get("base"), kw.get("recipes"))
+    if llama and result["device"] == "cpu":
+        steps = kw.get("decode_steps", 64)
+        result["llama_cpp"] = bench_llama.run(prompt_len=kw.get("prompt_len", 32),
+                                              decode_steps=max(steps, 32))
     result["goals"] = goals(result)
     result["load_average_after"] = bench_dot.loadavg()
     result["seconds"] = time.time() - t0
@@ -115,12 +156,15 @@ def markdown(result: dict) -> str:
             met = "not measured"
         else:
             met = "met" if x["met"] else f"not met (short by {x['shortfall']:.2f}x)"
-        g.append(f"| {x['goal']} | {x['target']:.1f}x | {m} | {met} |")
+        g.append(f"| {x['goal']} | {x['target']:.2f}x | {m} | {met} |")
     return "\n\n".join([
         "dot_general (speedup of the median vs f32):",
         bench_dot.markdown_table(result["dot_general"]),
         "decode (tokens/s; bytes held = serving params + KV cache at capacity):",
         bench_decode.markdown_table(result["decode"]),
+        "llama.cpp (the same model's GGUF, batch 1):",
+        bench_llama.markdown_table(result["llama_cpp"]) if "llama_cpp" in result
+        else "llama.cpp: not run (not a CPU device, or skipped)",
         "memory (serving params, scales included):",
         "\n".join(mem),
         "goals:",

@@ -13,6 +13,9 @@ reports it, ``memory_stats()["peak_bytes_in_use"]`` is recorded too (None on CPU
 
 Recipes (``RECIPES``): the block projections and the tied embedding / head are quantized alike.
 Groups of "g128" fall back to the largest divisor of the input width (96 for SmolLM2's 576).
+The ``w4a8`` / ``w3a8`` / ``w2a8`` recipes are the weight-only ones with dynamic int8
+activations (one scale per row) added to every rule: their product is the integer one
+(:mod:`jaxquant.core.w4a8`), where the weight-only recipes multiply float activations.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxquant.core.dot_config import DotGeneralConfig, w8a8, weight_only
+from jaxquant.core.spec import QuantSpec
 from jaxquant.nn import (
     QuantMode,
     QuantRule,
@@ -51,7 +55,14 @@ RECIPES: dict[str, tuple[str, Recipe | None]] = {
     "int8_wo": ("float32", Recipe(method="rtn", qtype="int8")),
     "int4_g128_wo": ("float32", Recipe(method="rtn", qtype="int4", group_size=128)),
     "w8a8": ("float32", Recipe(method="w8a8")),
+    "w4a8_g128": ("float32", Recipe(method="rtn", qtype="int4", group_size=128)),
+    "w3a8_g128": ("float32", Recipe(method="rtn", qtype="int3", group_size=128)),
+    "w2a8_g64": ("float32", Recipe(method="rtn", qtype="int2", group_size=64)),
 }
+# Recipes whose every quantized product also takes dynamic int8 activations (per row).
+INT8_ACTIVATIONS = frozenset({"w4a8_g128", "w3a8_g128", "w2a8_g64"})
+# The default set: what the issue's goals need (the int3 / int2 W*A8 rows on request).
+DEFAULT_RECIPES = ("f32", "bf16", "int8_wo", "int4_g128_wo", "w8a8", "w4a8_g128")
 KV_CACHES = (None, "int8")
 
 
@@ -69,7 +80,12 @@ def recipe_config(base: TransformerConfig, name: str, kv_cache: str | None) -> T
         return dataclasses.replace(cfg, quant_rules=())
     cfg = serving_config(cfg, recipe)
     head = QuantRule(r"(^|/)(embed|lm_head)$", _head_config(cfg, recipe))
-    return dataclasses.replace(cfg, quant_rules=cfg.quant_rules + (head,))
+    rules = cfg.quant_rules + (head,)
+    if name in INT8_ACTIVATIONS:
+        act = QuantSpec(qtype="int8")
+        rules = tuple(dataclasses.replace(r, config=dataclasses.replace(r.config, lhs=act))
+                      for r in rules)
+    return dataclasses.replace(cfg, quant_rules=rules)
 
 
 def float_params(cfg: TransformerConfig, seed: int = 0):
@@ -151,7 +167,7 @@ class _Run:
 def run(
     base: TransformerConfig | None = None,
     *,
-    recipes: Sequence[str] = tuple(RECIPES),
+    recipes: Sequence[str] = DEFAULT_RECIPES,
     kv_caches: Sequence[str | None] = KV_CACHES,
     batches: Sequence[int] = (1, 8),
     prompt_len: int = 128,
@@ -165,7 +181,8 @@ def run(
 
     Args:
       base: model shapes (default SmolLM2-135M's).
-      recipes: names from ``RECIPES``; ``f32`` and ``bf16`` are always included (the baselines).
+      recipes: names from ``RECIPES`` (default ``DEFAULT_RECIPES``); ``f32`` and ``bf16`` are
+        always included (the baselines).
       kv_caches: None (float, the compute dtype) and / or ``"int8"``.
       batches: batch sizes.
       prompt_len: prefill length.

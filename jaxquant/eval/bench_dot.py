@@ -13,6 +13,8 @@ Ops (``y = x [M, K] @ w [K, N]``):
 * ``jq_wo_int8``, ``jq_wo_int4_g128``: weights pre-quantized as a ``QArray`` (serving: int4 is
   packed two per byte), float activations;
 * ``jq_fp8``: e4m3 dynamic quantization of both operands included;
+* ``jq_w4a8_g128``: int4 g128 weights pre-quantized (packed), dynamic int8 activations
+  included: the integer product (:mod:`jaxquant.core.w4a8` for few rows on XLA:CPU);
 * with ``peers=True``: ``aqt_w8a8`` and ``qwix_w8a8``, the peers' dynamic W8A8 (if importable).
 
 Speedups are ratios of medians against ``f32`` and ``bf16``; ``rel_error`` is
@@ -26,9 +28,11 @@ import datetime
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +41,7 @@ from jax import lax
 from tqdm.auto import tqdm
 
 import jaxquant as jq
+from jaxquant.core.dot_config import w4a8
 
 DN = (((1,), (0,)), ((), ()))
 FULL_SHAPES = ((2048, 2048, 2048), (4096, 4096, 4096), (8, 4096, 4096))
@@ -89,6 +94,7 @@ OPS: dict[str, Callable] = {
     "jq_wo_int8": _jq_serving(jq.weight_only("int8")),
     "jq_wo_int4_g128": _jq_serving(jq.weight_only("int4", group_size=128)),
     "jq_fp8": _jq_dynamic(jq.fp8()),
+    "jq_w4a8_g128": _jq_serving(w4a8()),
 }
 
 
@@ -236,7 +242,22 @@ def environment() -> dict:
         "jaxquant_version": jq.__version__,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **git_commit(),
     }
+
+
+def git_commit() -> dict:
+    """``{"commit": HEAD's sha or None, "dirty": whether tracked files differ from it}`` of
+    the checkout jaxquant runs from (None outside a git checkout)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "-uno"],
+                               capture_output=True, text=True, timeout=10).stdout.strip() != ""
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": sha, "dirty": dirty}
 
 
 def _jaxlib_version():

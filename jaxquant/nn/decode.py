@@ -1,6 +1,7 @@
 """Prefill, per-step decoding and sampling for :class:`~jaxquant.nn.Transformer`.
 
-Each call is jitted once per shape: ``prefill`` per prompt shape, ``decode_step`` once for all
+:func:`stream` yields the tokens one step at a time (and stops at given stop ids);
+:func:`generate` collects them. Each call is jitted once per shape: ``prefill`` per prompt shape, ``decode_step`` once for all
 positions (the cache is written at its traced ``length``). Works in any mode: TRAIN with float
 params, or SERVE with converted params. With ``donate=True`` the input cache's buffers are
 reused for the output (updated in place on GPU/TPU; the old cache must not be used again);
@@ -14,10 +15,12 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxquant.nn.kv_cache import KVCache, init_kv_cache
 from jaxquant.nn.transformer import Transformer
@@ -87,6 +90,57 @@ _step_and_sample_donated = jax.jit(
 )
 
 
+def stream(
+    model: Transformer,
+    params: Any,
+    prompt_tokens: jax.Array,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    key: jax.Array | None = None,
+    max_len: int | None = None,
+    kv_cache_qtype: str | None = "config",
+    stop_ids: Sequence[int] = (),
+) -> Iterator[tuple[jax.Array, jax.Array]]:
+    """Yields ``(tokens [B], logits [B, V])`` one step at a time: greedy or sampled.
+
+    The first item comes from the prefill of ``prompt_tokens [B, P]``, each next one from one
+    decode step. It stops after ``max_new_tokens`` items, or after the step at which every
+    sequence has produced one of ``stop_ids`` (the stop token is yielded; the caller decides
+    whether to show it). Arguments are as for :func:`generate`.
+    """
+    prompt = jnp.asarray(prompt_tokens, jnp.int32)
+    b, p = prompt.shape
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    total = p + max_new_tokens
+    max_len = total if max_len is None else max_len
+    if max_len < total:
+        raise ValueError(f"max_len={max_len} is shorter than prompt + new tokens = {total}.")
+    if temperature != 0.0 and key is None:
+        raise ValueError("temperature > 0 needs key=jax.random.key(...).")
+    if key is None:
+        key = jax.random.key(0)
+    stops = np.asarray(sorted({int(t) for t in stop_ids}), np.int32)
+    done = np.zeros(b, bool)
+    donate = _donate_default()
+    step = _step_and_sample_donated if donate else _step_and_sample
+    cache = init_kv_cache(model.cfg, b, max_len, qtype=kv_cache_qtype)
+    logits, cache = prefill(model, params, prompt, cache, donate=donate)
+    key, sub = jax.random.split(key)
+    tok, last = sample(logits[:, -1], sub, temperature, top_k), logits[:, -1]
+    for i in range(max_new_tokens):
+        if i:
+            key, sub = jax.random.split(key)
+            tok, last, cache = step(model, params, tok, cache, sub, float(temperature), top_k)
+        yield tok, last
+        if stops.size:
+            done |= np.isin(np.asarray(tok), stops)
+            if done.all():
+                return
+
+
 def generate(
     model: Transformer,
     params: Any,
@@ -118,27 +172,10 @@ def generate(
       ``tokens [B, P + max_new_tokens]`` (and the logits when asked).
     """
     prompt = jnp.asarray(prompt_tokens, jnp.int32)
-    b, p = prompt.shape
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-    total = p + max_new_tokens
-    max_len = total if max_len is None else max_len
-    if max_len < total:
-        raise ValueError(f"max_len={max_len} is shorter than prompt + new tokens = {total}.")
-    if temperature != 0.0 and key is None:
-        raise ValueError("temperature > 0 needs key=jax.random.key(...).")
-    if key is None:
-        key = jax.random.key(0)
-    donate = _donate_default()
-    step = _step_and_sample_donated if donate else _step_and_sample
-    cache = init_kv_cache(model.cfg, b, max_len, qtype=kv_cache_qtype)
-    logits, cache = prefill(model, params, prompt, cache, donate=donate)
-    key, sub = jax.random.split(key)
-    tok = sample(logits[:, -1], sub, temperature, top_k)
-    out, all_logits = [tok], [logits[:, -1]]
-    for _ in range(max_new_tokens - 1):
-        key, sub = jax.random.split(key)
-        tok, last, cache = step(model, params, tok, cache, sub, float(temperature), top_k)
+    out, all_logits = [], []
+    for tok, last in stream(model, params, prompt, max_new_tokens, temperature=temperature,
+                            top_k=top_k, key=key, max_len=max_len,
+                            kv_cache_qtype=kv_cache_qtype):
         out.append(tok)
         all_logits.append(last)
     tokens = jnp.concatenate([prompt, jnp.stack(out, axis=1)], axis=1)

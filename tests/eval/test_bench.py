@@ -20,19 +20,21 @@ DECODE = dict(base=TINY, batches=(1,), prompt_len=8, decode_steps=4, rounds=2)
 
 @pytest.fixture(scope="module")
 def result():
-    return bench.run(quick=True, progress=False, dot_shapes=[(8, 128, 32)], decode_kwargs=DECODE)
+    return bench.run(quick=True, progress=False, dot_shapes=[(8, 128, 32)], decode_kwargs=DECODE,
+                     llama=False)
 
 
 def test_json_is_complete_and_serialisable(result, tmp_path):
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(result))
     data = json.loads(path.read_text())
-    for field in ("device", "jax_version", "date", "load_average_before", "dot_general",
-                  "decode", "memory", "goals"):
+    for field in ("device", "jax_version", "date", "commit", "load_average_before",
+                  "dot_general", "decode", "memory", "goals"):
         assert field in data, field
     combos = {(r["recipe"], r["kv_cache"], r["batch"]) for r in data["decode"]["rows"]}
-    assert combos == {(n, kv, b) for n in bench_decode.RECIPES for kv in ("float", "int8")
-                      for b in (1,)}
+    assert combos == {(n, kv, b) for n in bench_decode.DEFAULT_RECIPES
+                      for kv in ("float", "int8") for b in (1,)}
+    assert "jq_w4a8_g128" in data["dot_general"]["shapes"][0]["results"]
 
 
 def test_decode_ratios_come_from_the_measured_numbers(result):
@@ -68,6 +70,9 @@ def test_memory_and_goals(result):
             assert g["met"] == (g["measured"] >= g["target"])
     table = bench.markdown(result)
     assert "| int4_g128_wo | int8 | 1 |" in table and "goals:" in table
+    assert "| w4a8_g128 | float | 1 |" in table
+    llama = next(g for name, g in goals.items() if "llama.cpp" in name)
+    assert llama["measured"] is None and llama["met"] is None  # llama=False in this run
 
 
 def test_served_int4_params_stay_packed():
@@ -83,11 +88,31 @@ def test_served_int4_params_stay_packed():
     assert param_bytes(params) < sum(int(np.prod(k.shape)) for k in q) * 0.6 + 4 * 3 * 64
 
 
+@pytest.mark.parametrize("name", sorted(bench_decode.INT8_ACTIVATIONS))
+def test_w_a8_recipes_quantize_every_activation_to_int8(name):
+    cfg = bench_decode.recipe_config(TINY, name, None)
+    qtype = bench_decode.RECIPES[name][1].qtype
+    assert cfg.quant_rules
+    for rule in cfg.quant_rules:
+        assert rule.config.lhs is not None and rule.config.lhs.qtype == "int8"
+        assert rule.config.rhs.qtype == qtype and rule.config.rhs.group_size is not None
+
+
+def test_goals_compare_the_fastest_4bit_row_with_llama_q4_0(result):
+    fake = dict(result, llama_cpp={"rows": [{"format": "q4_0", "tokens_per_s": 10.0}]})
+    rows = [r for r in result["decode"]["rows"] if r["batch"] == 1 and r["kv_cache"] == "float"
+            and r["recipe"] in ("int4_g128_wo", "w4a8_g128")]
+    best = max(r["tokens_per_s"] for r in rows)
+    g = next(g for g in bench.goals(fake) if "llama.cpp" in g["goal"])
+    assert g["measured"] == pytest.approx(best / 10.0)
+    assert g["met"] == (best / 10.0 >= 0.75)
+
+
 def test_cli_bench_quick(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(bench.QUICK, "shapes", [(4, 128, 16)])
     monkeypatch.setattr(bench, "run", _tiny_run(bench.run))
     out = tmp_path / "b.json"
-    assert cli.main(["bench", "--quick", "--json", str(out)]) == 0
+    assert cli.main(["bench", "--quick", "--no-llama", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["quick"] is True and data["dot_general"]["shapes"][0]["m"] == 4
     assert "goals:" in capsys.readouterr().out
@@ -95,6 +120,7 @@ def test_cli_bench_quick(monkeypatch, tmp_path, capsys):
 
 def _tiny_run(run):
     def tiny(**kw):
+        kw.pop("decode_kwargs", None)
         return run(**kw, decode_kwargs=dict(DECODE, batches=(1,), kv_caches=(None,)))
 
     return tiny
