@@ -42,10 +42,37 @@ def environment() -> dict[str, Any]:
 
 
 def tokens_for(model: LoadedModel, dataset: str, split: str) -> np.ndarray:
-    """The token stream of ``dataset`` (``"ptb"`` or a text file) under the model's tokenizer."""
+    """The token stream of ``dataset`` (a name of :data:`jaxquant.data.DATASETS` or a text
+    file) under the model's tokenizer."""
     text = data.load_text(dataset, split)
-    label = f"{dataset if dataset == 'ptb' else 'file'}-{split}"
+    label = f"{dataset if dataset in data.DATASETS else 'file'}-{split}"
     return data.tokenize_cached(label, text, model.tokenizer)
+
+
+def calibration_set(model: LoadedModel, calib_data: str, windows: int, length: int,
+                    seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """Calibration windows from ``calib_data``: ``ptb``, a text file or a mix ``ptb+kjv``.
+
+    A mix of ``k`` sources gives each ``windows // k`` windows (the first ones one more for the
+    remainder), drawn from its train split with seed ``seed + i``. Held-out slices are refused
+    by :func:`jaxquant.data.calibration_sources`.
+
+    Returns:
+      ``([windows, length] int32 ids, info)``; ``info`` records the sources and counts.
+    """
+    sources = data.calibration_sources(calib_data)
+    k = len(sources)
+    counts = [windows // k + (i < windows % k) for i in range(k)]
+    parts, used = [], []
+    for i, ((name, split), n) in enumerate(zip(sources, counts, strict=True)):
+        if n == 0:
+            continue
+        stream = tokens_for(model, name, "train" if split == "file" else split)
+        parts.append(data.calibration_windows(stream, n, length, seed + i))
+        used.append({"data": name, "split": split, "windows": n, "seed": seed + i})
+    info = {"data": calib_data, "sources": used, "windows": windows, "length": length,
+            "seed": seed}
+    return np.concatenate(parts), info
 
 
 def weight_stats(params) -> dict[str, float]:
@@ -67,13 +94,16 @@ def quantize(
     recipe: Recipe,
     *,
     dataset: str = "ptb",
+    calib_data: str | None = None,
     calib_windows: int = 128,
     calib_len: int = 512,
     seed: int = 0,
     options: PTQOptions | None = None,
     progress: bool = True,
 ) -> tuple[TransformerConfig, Any, dict]:
-    """Runs ``recipe`` on ``model``, calibrating on ``dataset``'s train split when needed.
+    """Runs ``recipe`` on ``model``, calibrating when needed on ``calib_data`` (default:
+    ``dataset``'s train split; a mix such as ``ptb+shakespeare+kjv`` is allowed, see
+    :func:`calibration_set`).
 
     Returns:
       ``(serve_cfg, serve_params, info)``; ``info`` records the calibration set and time.
@@ -82,11 +112,9 @@ def quantize(
     info: dict[str, Any] = {"recipe": recipe.name}
     options = options or PTQOptions()
     if recipe.algorithm(options).calibrated:
-        stream = tokens_for(model, dataset, "train")
         calib_len = min(calib_len, model.cfg.max_seq_len)
-        calib = data.calibration_windows(stream, calib_windows, calib_len, seed)
-        info["calibration"] = {"dataset": dataset, "split": "train", "windows": calib_windows,
-                               "length": calib_len, "seed": seed}
+        calib, info["calibration"] = calibration_set(model, calib_data or dataset,
+                                                     calib_windows, calib_len, seed)
     if calib is not None:
         info["options"] = dataclasses.asdict(options)
     cfg, params, qinfo = quantize_model(model.cfg, model.params, recipe, calib, options=options,
@@ -126,22 +154,40 @@ def evaluate(
     stride: int | None = None,
     max_tokens: int | None = None,
     batch_size: int = 1,
+    calib_data: str | None = None,
     calib_windows: int = 128,
     calib_len: int = 512,
     seed: int = 0,
+    heldout: tuple[str, ...] = (),
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Perplexity of ``model`` on ``dataset``, quantized on the fly by ``recipe`` if given."""
+    """Perplexity of ``model`` on ``dataset``, quantized on the fly by ``recipe`` if given.
+
+    ``heldout`` names further data sets (e.g. :data:`HELDOUT`) scored on their test split with
+    the same settings; their perplexities go to ``result["heldout"]``.
+    """
     recipe = recipe or Recipe(method="fp32")
-    cfg, params, info = quantize(model, recipe, dataset=dataset, calib_windows=calib_windows,
-                                 calib_len=calib_len, seed=seed, progress=progress)
+    cfg, params, info = quantize(model, recipe, dataset=dataset, calib_data=calib_data,
+                                 calib_windows=calib_windows, calib_len=calib_len, seed=seed,
+                                 progress=progress)
     tokens = tokens_for(model, dataset, split)
     ppl = evaluate_params(cfg, params, tokens, seq_len=seq_len, stride=stride,
                           max_tokens=max_tokens, batch_size=batch_size, progress=progress)
-    return {
+    result = {
         "model": model.name, "dataset": dataset, "split": split, **info, **ppl,
         **weight_stats(params), "environment": environment(),
     }
+    result["heldout"] = {
+        name: evaluate_params(cfg, params, tokens_for(model, name, "test"), seq_len=seq_len,
+                              stride=stride, max_tokens=max_tokens, batch_size=batch_size,
+                              progress=progress)["perplexity"]
+        for name in heldout if name != dataset
+    }
+    return result
+
+
+# The held-out domains every table reports next to PTB (see jaxquant.data.corpora).
+HELDOUT = ("shakespeare", "kjv")
 
 
 DEMO_RECIPES = (
@@ -173,26 +219,32 @@ def demo_rows(
     budget: DemoBudget,
     *,
     dataset: str = "ptb",
+    calib_data: str | None = None,
+    heldout: tuple[str, ...] = HELDOUT,
     seed: int = 0,
     progress: bool = True,
     on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """The demo table: each recipe's bits per weight, size, perplexity, delta and PTQ time.
+    """The demo table: each recipe's bits per weight, size, perplexity, delta and PTQ time,
+    on ``dataset``'s test split (in-domain) and on each ``heldout`` data set's test split.
 
     ``on_row(result_so_far)`` is called after each recipe (e.g. to write the JSON as it
     grows, so a long ``--full`` run keeps what it measured)."""
     test = tokens_for(model, dataset, "test")
+    heldout = tuple(h for h in heldout if h != dataset)
+    held_tokens = {name: tokens_for(model, name, "test") for name in heldout}
     rows = []
     base = None
 
     def result():
         add_recovery(rows)
-        return {"model": model.name, "dataset": dataset, "budget": dataclasses.asdict(budget),
+        return {"model": model.name, "dataset": dataset, "heldout": list(heldout),
+                "calib_data": calib_data or dataset, "budget": dataclasses.asdict(budget),
                 "seed": seed, "rows": rows, "environment": environment()}
     for text in recipes:
         recipe = parse_recipe(text)
         t0 = time.perf_counter()
-        cfg, params, info = quantize(model, recipe, dataset=dataset,
+        cfg, params, info = quantize(model, recipe, dataset=dataset, calib_data=calib_data,
                                      calib_windows=budget.calib_windows,
                                      calib_len=budget.calib_len, seed=seed, progress=progress)
         ppl = evaluate_params(cfg, params, test, seq_len=budget.seq_len,
@@ -201,7 +253,13 @@ def demo_rows(
             base = ppl["perplexity"]
         row = {"recipe": recipe.name, **weight_stats(params), "perplexity": ppl["perplexity"],
                "tokens_scored": ppl["tokens_scored"], "quantize_seconds": info["quantize_seconds"],
-               "eval_seconds": ppl["seconds"], "total_seconds": time.perf_counter() - t0}
+               "eval_seconds": ppl["seconds"]}
+        row["heldout"] = {
+            name: evaluate_params(cfg, params, toks, seq_len=budget.seq_len,
+                                  max_tokens=budget.eval_tokens, progress=progress)["perplexity"]
+            for name, toks in held_tokens.items()
+        }
+        row["total_seconds"] = time.perf_counter() - t0
         if base is not None:
             row["delta"] = row["perplexity"] - base
             row["delta_pct"] = 100.0 * (row["perplexity"] / base - 1.0)
@@ -214,29 +272,54 @@ def demo_rows(
 def add_recovery(rows: list[dict[str, Any]]) -> None:
     """Adds ``recovered``: the fraction of RTN's perplexity loss a calibrated method removes,
     ``(ppl_rtn - ppl) / (ppl_rtn - ppl_fp32)``, against the RTN row of the same qtype, group
-    size and symmetry (the issue's GPTQ / AWQ goals are stated this way)."""
-    fp32 = next((r["perplexity"] for r in rows if r["recipe"] == "fp32"), None)
-    rtn = {r["recipe"].split(":", 1)[1]: r["perplexity"] for r in rows
-           if r["recipe"].startswith("rtn:")}
+    size and symmetry (the issue's GPTQ / AWQ goals are stated this way). With held-out
+    perplexities, also ``recovered_heldout`` per data set and their mean
+    ``recovered_heldout_mean``."""
+
+    def recovered(get):
+        fp32 = next((get(r) for r in rows if r["recipe"] == "fp32"), None)
+        rtn = {r["recipe"].split(":", 1)[1]: get(r) for r in rows
+               if r["recipe"].startswith("rtn:")}
+        out = {}
+        for i, r in enumerate(rows):
+            method, _, rest = r["recipe"].partition(":")
+            if method in ("gptq", "awq", "awq+gptq") and fp32 is not None and rest in rtn:
+                loss = rtn[rest] - fp32
+                if loss > 0:
+                    out[i] = (rtn[rest] - get(r)) / loss
+        return out
+
+    for i, value in recovered(lambda r: r["perplexity"]).items():
+        rows[i]["recovered"] = value
+    names = sorted({n for r in rows for n in r.get("heldout", {})})
+    for name in names:
+        if not all(name in r.get("heldout", {}) for r in rows):
+            continue
+        for i, value in recovered(lambda r, n=name: r["heldout"][n]).items():
+            rows[i].setdefault("recovered_heldout", {})[name] = value
     for r in rows:
-        method, _, rest = r["recipe"].partition(":")
-        if method in ("gptq", "awq", "awq+gptq") and fp32 is not None and rest in rtn:
-            loss = rtn[rest] - fp32
-            if loss > 0:
-                r["recovered"] = (rtn[rest] - r["perplexity"]) / loss
+        if r.get("recovered_heldout"):
+            r["recovered_heldout_mean"] = float(np.mean(list(r["recovered_heldout"].values())))
 
 
 def markdown_table(rows) -> str:
-    """A human table of demo rows."""
+    """A human table of demo rows: in-domain columns, then one per held-out data set."""
+    names = sorted({n for r in rows for n in r.get("heldout", {})})
     head = ("| recipe | bits/weight | size (MB) | perplexity | delta | RTN loss removed "
-            "| PTQ time (s) |\n|---|---|---|---|---|---|---|")
-    lines = [head]
+            + "".join(f"| {n} " for n in names)
+            + ("| held-out RTN loss removed " if names else "") + "| PTQ time (s) |")
+    lines = [head, "|---" * (7 + len(names) + bool(names)) + "|"]
     for r in rows:
         delta = f"{r['delta']:+.3f} ({r['delta_pct']:+.2f}%)" if "delta" in r else "-"
         rec = f"{100 * r['recovered']:.1f}%" if "recovered" in r else "-"
+        held = "".join(f"| {r['heldout'][n]:.3f} " if n in r.get("heldout", {}) else "| - "
+                       for n in names)
+        if names:
+            mean = r.get("recovered_heldout_mean")
+            held += f"| {100 * mean:.1f}% " if mean is not None else "| - "
         lines.append(f"| {r['recipe']} | {r['bits_per_weight']:.2f} | "
-                     f"{r['model_bytes'] / 1e6:.1f} | {r['perplexity']:.3f} | {delta} | {rec} | "
-                     f"{r['quantize_seconds']:.1f} |")
+                     f"{r['model_bytes'] / 1e6:.1f} | {r['perplexity']:.3f} | {delta} | {rec} "
+                     f"{held}| {r['quantize_seconds']:.1f} |")
     return "\n".join(lines)
 
 
