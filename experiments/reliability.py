@@ -353,8 +353,9 @@ def concurrent_fetch(work: pathlib.Path, payload: bytes, procs: int, trials: int
     }
 
 
-def _run_and_kill(cmd: list[str], env: dict, delay: float) -> None:
-    """Starts ``cmd``, waits for its START line, SIGKILLs it ``delay`` seconds later."""
+def _run_and_kill(cmd: list[str], env: dict, delay: float) -> bool:
+    """Starts ``cmd``, waits for its START line, SIGKILLs it ``delay`` seconds later. Returns
+    whether the kill landed mid-operation (before the child printed its result line)."""
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         for line in p.stdout:
@@ -363,6 +364,8 @@ def _run_and_kill(cmd: list[str], env: dict, delay: float) -> None:
         time.sleep(delay)
         if p.poll() is None:
             os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        return not p.stdout.read().strip()
     finally:
         p.kill()
         p.wait()
@@ -370,16 +373,20 @@ def _run_and_kill(cmd: list[str], env: dict, delay: float) -> None:
 
 
 def _timed(cmd: list[str], env: dict) -> float:
-    """Seconds from the START line to the exit of an unkilled run."""
+    """Seconds from the START line to the result line of an unkilled run (the operation only,
+    not the interpreter's exit)."""
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = seconds = None
     for line in p.stdout:
         if line.strip() == "START":
+            t0 = time.perf_counter()
+        elif line.strip() and t0 is not None:
+            seconds = time.perf_counter() - t0
             break
-    t0 = time.perf_counter()
     _, err = p.communicate(timeout=600)
-    if p.returncode != 0:
+    if p.returncode != 0 or seconds is None:
         raise RuntimeError(err[-2000:])
-    return time.perf_counter() - t0
+    return seconds
 
 
 def kill_fetch(work: pathlib.Path, payload: bytes, points: int) -> dict:
@@ -389,10 +396,10 @@ def kill_fetch(work: pathlib.Path, payload: bytes, points: int) -> dict:
     _fake_wheel(index, payload)
     cmd = [sys.executable, "-c", _FETCH_CHILD]
     duration = _timed(cmd, _fetch_env(work / "kf-timing", index))
-    outcomes = []
+    outcomes, mid = [], 0
     for k in range(points):
         cache = work / f"kf-{k}"
-        _run_and_kill(cmd, _fetch_env(cache, index), duration * (k + 0.5) / points)
+        mid += _run_and_kill(cmd, _fetch_env(cache, index), duration * (k + 0.5) / points)
         ok, err = _fetch_ok(cache, index, payload)
         outcomes.append(SURVIVED if ok else f"failed: {err[:100]}")
         shutil.rmtree(cache)
@@ -401,6 +408,7 @@ def kill_fetch(work: pathlib.Path, payload: bytes, points: int) -> dict:
         "fault": f"kill -9 at {points} points of a fetch, then fetch again",
         "trials": points,
         "seconds_per_fetch": duration,
+        "killed_mid_fetch": mid,
         "outcomes": dict(collections.Counter(outcomes)),
     }
 
@@ -414,6 +422,7 @@ params = {f"w{i}": np.full((1024, 1024), tag, np.float32) for i in range(12)}
 print("START", flush=True)
 save_quantized(out, TransformerConfig.tiny(), params, {"recipe": "fp32", "model": "tiny",
                "tag": tag}, force=True)
+print("DONE", flush=True)
 """
 
 
@@ -424,7 +433,7 @@ def kill_save(work: pathlib.Path, points: int) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
     out = work / "ptq-out"
     duration = _timed([sys.executable, "-c", _SAVE_CHILD, str(out), "1"], env)
-    outcomes = []
+    outcomes, mid = [], 0
     for k in range(points):
         old, new = float(2 * k + 2), float(2 * k + 3)
         subprocess.run(
@@ -433,7 +442,7 @@ def kill_save(work: pathlib.Path, points: int) -> dict:
             check=True,
             capture_output=True,
         )
-        _run_and_kill(
+        mid += _run_and_kill(
             [sys.executable, "-c", _SAVE_CHILD, str(out), str(new)],
             env,
             duration * (k + 0.5) / points,
@@ -457,6 +466,7 @@ def kill_save(work: pathlib.Path, points: int) -> dict:
         "fault": f"kill -9 at {points} points of a save, then load",
         "trials": points,
         "seconds_per_save": duration,
+        "killed_mid_save": mid,
         "outcomes": dict(collections.Counter(outcomes)),
     }
 
@@ -473,28 +483,51 @@ def environment() -> dict:
     return {**env(), "commit": commit, "load_avg_1m": os.getloadavg()[0]}
 
 
-def run(*, quick: bool = False, out: str | os.PathLike | None = None) -> dict:
-    """Runs every fault; writes the JSON to ``out`` (if given) and returns it."""
+GROUPS = ("checkpoint", "gguf", "cache", "concurrent", "kill_save", "kill_fetch")
+
+
+def run(*, quick: bool = False, out: str | os.PathLike | None = None, groups=GROUPS) -> dict:
+    """Runs the fault ``groups``; writes the JSON to ``out`` (if given) and returns it. Running
+    only some groups replaces their rows in an existing ``out`` (each row keeps the
+    environment, commit included, of the run that measured it)."""
     n = 3 if quick else 20
-    payload = (
-        np.random.default_rng(0)
-        .integers(0, 256, (1 if quick else 48) << 20, dtype=np.uint8)
-        .tobytes()
-    )
-    result = {"environment": environment(), "quick": quick, "faults": []}
+    payload = np.random.default_rng(0).integers(0, 256, (1 if quick else 48) << 20, dtype=np.uint8)
+    payload = payload.tobytes()
+    env = environment()
+    rows: list[dict] = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="jaxquant-reliability-") as tmp:
         work = pathlib.Path(tmp)
-        result["faults"] += checkpoint_faults(work, n)
-        result["faults"] += gguf_faults(work, n)
-        result["faults"] += cache_faults(work, payload, 1 if quick else 3)
-        result["faults"].append(
-            concurrent_fetch(work, payload, 2 if quick else 4, 1 if quick else 5)
-        )
-        result["faults"].append(kill_save(work, 1 if quick else 10))
-        result["faults"].append(kill_fetch(work, payload, 1 if quick else 10))
-    result["seconds"] = time.perf_counter() - t0
-    result["environment"]["load_avg_end"] = os.getloadavg()[0]
+        for g in groups:
+            if g == "checkpoint":
+                new = checkpoint_faults(work, n)
+            elif g == "gguf":
+                new = gguf_faults(work, n)
+            elif g == "cache":
+                new = cache_faults(work, payload, 1 if quick else 3)
+            elif g == "concurrent":
+                new = [concurrent_fetch(work, payload, 2 if quick else 4, 1 if quick else 5)]
+            elif g == "kill_save":
+                new = [kill_save(work, 1 if quick else 10)]
+            elif g == "kill_fetch":
+                new = [kill_fetch(work, payload, 1 if quick else 10)]
+            else:
+                raise ValueError(f"unknown fault group {g!r}; choose from {GROUPS}.")
+            rows += [{**r, "group": g, "environment": env} for r in new]
+    env["load_avg_end"] = os.getloadavg()[0]
+    result = {
+        "environment": env,
+        "quick": quick,
+        "faults": rows,
+        "seconds": time.perf_counter() - t0,
+    }
+    if out and set(groups) != set(GROUPS) and pathlib.Path(out).is_file():
+        old = json.loads(pathlib.Path(out).read_text())
+        for r in old["faults"]:
+            r.setdefault("environment", old["environment"])
+        kept = [r for r in old["faults"] if r.get("group") not in groups]
+        order = {g: i for i, g in enumerate(GROUPS)}
+        result["faults"] = sorted(kept + rows, key=lambda r: order.get(r.get("group"), 99))
     if out:
         pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
         pathlib.Path(out).write_text(json.dumps(result, indent=2))
@@ -513,8 +546,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a few trials of each fault")
     p.add_argument("--out", default=str(REPO / "experiments" / "results" / "reliability.json"))
+    p.add_argument(
+        "--faults",
+        default=",".join(GROUPS),
+        help="comma-separated groups to run (the others keep their rows in --out)",
+    )
     a = p.parse_args()
-    r = run(quick=a.quick, out=a.out)
+    r = run(quick=a.quick, out=a.out, groups=a.faults.split(","))
     print(markdown(r))
     print(f"wrote {a.out} ({r['seconds']:.0f} s)")
 
