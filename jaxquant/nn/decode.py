@@ -1,7 +1,8 @@
 """Prefill, per-step decoding and sampling for :class:`~jaxquant.nn.Transformer`.
 
 :func:`stream` yields the tokens one step at a time (and stops at given stop ids);
-:func:`generate` collects them. Each call is jitted once per shape: ``prefill`` per prompt shape, ``decode_step`` once for all
+:func:`generate` collects them. Each call is jitted once per shape: ``prefill`` per prompt
+shape, ``decode_step`` once for all
 positions (the cache is written at its traced ``length``). Works in any mode: TRAIN with float
 params, or SERVE with converted params. With ``donate=True`` the input cache's buffers are
 reused for the output (updated in place on GPU/TPU; the old cache must not be used again);
