@@ -75,7 +75,7 @@ _LAYER_TENSORS = {
     ("mlp", "down_proj", "kernel"): "ffn_down.weight",
 }
 # Metadata the writer sets itself or that this module writes from the checkpoint's config.
-_OWN_KEYS = ("GGUF.", "general.architecture", "general.file_type",
+_OWN_KEYS = ("GGUF.", "general.architecture", "general.alignment", "general.file_type",
              "general.quantization_version", f"{ARCHITECTURE}.")
 
 

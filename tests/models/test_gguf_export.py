@@ -25,6 +25,7 @@ from jaxquant.models.gguf_export import (
 from jaxquant.models.gguf_loader import gguf_metadata, gguf_tensor_types, load_gguf
 from jaxquant.models.registry import load
 from jaxquant.models.saved import save_quantized
+from jaxquant.models.weights import to_params
 from jaxquant.nn.modes import QuantMode
 from jaxquant.nn.transformer import Transformer
 from jaxquant.ptq.pipeline import quantize_model
@@ -278,3 +279,29 @@ def test_cli_export_and_refusal(tmp_path, source, model, capsys):
     assert res["recipe"] == "rtn:q8_0" and res["tensor_types"]["Q8_0"] == 14
     with pytest.raises(ValueError, match="METHOD:q4_0"):
         export_gguf(tmp_path / "ck4", tmp_path / "y.gguf", source=source)
+
+
+def test_hugging_face_folder_export(tmp_path):
+    """An HF model (rotate-half Q/K, untied head, tokenizer.json) exported: llama.cpp's Q/K row
+    order, the HF tokenizer's vocabulary, and the same logits once re-imported."""
+    from tests.models.test_safetensors_loader import write_hf_folder
+
+    folder = tmp_path / "hf"
+    write_hf_folder(folder, hidden_size=64, intermediate_size=128, vocab_size=256)
+    hf = load(str(folder))
+    assert hf.cfg.rope_layout == "half" and not hf.cfg.tie_embeddings
+    cfg, params, _ = quantize_model(hf.cfg, hf.params, parse_recipe("rtn:q8_0"), None)
+    out = tmp_path / "hf.gguf"
+    write_gguf(out, cfg, params, folder)
+    meta = gguf_metadata(out)
+    assert meta["tokenizer.ggml.model"] == "gpt2"
+    assert meta["tokenizer.ggml.tokens"] == sorted(pre_tokenizers.ByteLevel.alphabet())
+    assert gguf_tensor_types(out)["output.weight"] == "F32"
+    weights, config = load_gguf(out)
+    back = dataclasses.replace(cfg, quant_rules=(), rope_layout="adjacent")
+    tokens = jnp.arange(24, dtype=jnp.int32)[None] * 5 % 256
+    serve = Transformer(cfg, mode=QuantMode.SERVE).apply({"params": params}, tokens)
+    float_ = Transformer(back).apply({"params": to_params(weights, config)}, tokens)
+    # float32 summation order only (unit-variance weights: logits of magnitude ~10).
+    scale = float(jnp.abs(serve).max())
+    np.testing.assert_allclose(np.asarray(float_), np.asarray(serve), atol=1e-5 * scale, rtol=0)
