@@ -27,6 +27,19 @@ def _recipe(text: str | None):
     return parse_recipe(text) if text else None
 
 
+def _heldout(args) -> tuple[str, ...]:
+    """The ``--heldout`` data sets (``none``: no held-out scoring)."""
+    from jaxquant import data
+
+    text = (args.heldout or "none").strip().lower()
+    names = () if text == "none" else tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in data.DATASETS]
+    if unknown:
+        raise ValueError(f"--heldout {args.heldout}: unknown data set(s) {unknown}; use "
+                         f"{', '.join(data.DATASETS)} (comma-separated) or none.")
+    return names
+
+
 def _cmd_eval(args) -> int:
     from jaxquant.eval import tasks
     from jaxquant.models.registry import load
@@ -45,19 +58,24 @@ def _cmd_eval(args) -> int:
         from jaxquant.eval.tasks import evaluate_checkpoint
 
         result = evaluate_checkpoint(model, args.checkpoint, dataset=args.data, split=args.split,
-                                     seq_len=args.seq_len, stride=args.stride,
+                                     heldout=_heldout(args), seq_len=args.seq_len,
+                                     stride=args.stride,
                                      max_tokens=args.max_tokens, batch_size=args.batch_size)
     else:
         result = tasks.evaluate(
             model, dataset=args.data, split=args.split, recipe=recipe,
             seq_len=args.seq_len, stride=args.stride, max_tokens=args.max_tokens,
-            batch_size=args.batch_size, calib_windows=args.calib_windows,
-            calib_len=args.calib_len, seed=args.seed)
-    print(f"\n| model | data | recipe | bits/weight | size (MB) | tokens | perplexity |\n"
-          f"|---|---|---|---|---|---|---|\n"
+            batch_size=args.batch_size, calib_data=args.calib_data,
+            calib_windows=args.calib_windows, calib_len=args.calib_len, seed=args.seed,
+            heldout=_heldout(args))
+    held = result.get("heldout", {})
+    print("\n| model | data | recipe | bits/weight | size (MB) | tokens | perplexity "
+          + "".join(f"| {n}:test " for n in held) + "|\n"
+          + "|---" * (7 + len(held)) + "|\n"
           f"| {result['model']} | {result['dataset']}:{result['split']} | {result['recipe']} | "
           f"{result['bits_per_weight']:.2f} | {result['model_bytes'] / 1e6:.1f} | "
-          f"{result['tokens_scored']} | {result['perplexity']:.3f} |")
+          f"{result['tokens_scored']} | {result['perplexity']:.3f} "
+          + "".join(f"| {v:.3f} " for v in held.values()) + "|")
     _write_json(args.json, result)
     return 0
 
@@ -87,6 +105,7 @@ def _cmd_ptq(args) -> int:
         check_writable(args.out, force=args.force)
     model = load(args.model)
     cfg, params, info = tasks.quantize(model, recipe, dataset=args.data,
+                                       calib_data=args.calib_data,
                                        calib_windows=args.calib_windows,
                                        calib_len=args.calib_len, seed=args.seed, options=options)
     result = {"model": args.model, **info, **tasks.weight_stats(params),
@@ -143,7 +162,8 @@ def _cmd_demo(args) -> int:
           f"in {budget.seq_len}-token windows. --full evaluates the whole split.")
     model = load(args.model)
     recipes = args.recipes.split(",") if args.recipes else tasks.DEMO_RECIPES
-    result = tasks.demo_rows(model, recipes, budget, seed=args.seed)
+    result = tasks.demo_rows(model, recipes, budget, seed=args.seed, calib_data=args.calib_data,
+                             heldout=_heldout(args))
     table = tasks.markdown_table(result["rows"])
     print("\n" + table)
     out = Path(args.out_dir)
@@ -202,8 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default="smollm2-135m",
                        help="smollm2-135m | tiny | path to .gguf | HF folder")
         if data:
-            p.add_argument("--data", default="ptb", help="ptb | path to a text file")
+            p.add_argument("--data", default="ptb",
+                           help="ptb | shakespeare | kjv | path to a text file")
         if calib:
+            p.add_argument("--calib-data", help="calibration set: ptb | a text file | a mix "
+                           "such as ptb+shakespeare+kjv (train splits only; default: --data)")
             p.add_argument("--calib-windows", type=int, default=128)
             p.add_argument("--calib-len", type=int, default=512)
         p.add_argument("--seed", type=int, default=0)
@@ -212,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the main job: PTQ recipes on SmolLM2-135M, PTB perplexity")
     common(demo, data=False, calib=False)
     demo.add_argument("--full", action="store_true", help="evaluate the full PTB test split")
+    demo.add_argument("--calib-data", default="ptb", help="calibration set (see `eval --help`)")
+    demo.add_argument("--heldout", default="shakespeare,kjv",
+                      help="held-out texts scored next to PTB test (comma-separated, or none)")
     demo.add_argument("--max-tokens", type=int, default=8192, help="PTB-test tokens per recipe")
     demo.add_argument("--calib-windows", type=int, default=32)
     demo.add_argument("--calib-len", type=int, default=512)
@@ -228,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seq-len", type=int, default=2048)
     ev.add_argument("--stride", type=int)
     ev.add_argument("--batch-size", type=int, default=1)
+    ev.add_argument("--heldout", default="shakespeare,kjv",
+                    help="held-out texts also scored, on their test split (comma list, or none)")
     # --model defaults to the checkpoint's own model with --checkpoint, else DEFAULT_MODEL.
     ev.set_defaults(func=_cmd_eval, model=None)
 

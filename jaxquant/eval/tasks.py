@@ -353,8 +353,9 @@ def check_model_matches(model: LoadedModel, cfg: TransformerConfig, params, dire
 
 
 def evaluate_checkpoint(model: LoadedModel, directory, *, dataset="ptb", split="test",
-                        **kwargs) -> dict:
-    """Perplexity of a saved quantized model (the tokenizer comes from ``model``).
+                        heldout: tuple[str, ...] = (), **kwargs) -> dict:
+    """Perplexity of a saved quantized model (the tokenizer comes from ``model``), on
+    ``dataset`` and on each ``heldout`` data set's test split (``result["heldout"]``).
 
     Raises:
       JaxquantError: ``model`` is not the model the checkpoint was made from (its shapes or its
@@ -366,6 +367,9 @@ def evaluate_checkpoint(model: LoadedModel, directory, *, dataset="ptb", split="
                         else None)
     tokens = tokens_for(model, dataset, split)
     ppl = evaluate_params(cfg, params, tokens, **kwargs)
+    held = {name: evaluate_params(cfg, params, tokens_for(model, name, "test"),
+                                  **kwargs)["perplexity"]
+            for name in heldout if name != dataset}
     return {"model": model.name, "checkpoint": str(directory), "dataset": dataset,
-            "split": split, "recipe": sidecar["recipe"], **ppl, **weight_stats(params),
-            "environment": environment()}
+            "split": split, "recipe": sidecar["recipe"], **ppl, "heldout": held,
+            **weight_stats(params), "environment": environment()}
