@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import jaxquant as jq
+from jaxquant.core.dot_config import TILING_MODES
 from jaxquant.core.qtypes import QTYPES, QKind
 
 
@@ -54,6 +55,7 @@ configs = st.builds(
     drhs=backward_specs,
     int_dot=st.booleans(),
     seed=st.integers(-(2**63), 2**63 - 1),
+    tiling=st.sampled_from(TILING_MODES),
 )
 
 
