@@ -27,8 +27,12 @@ RECIPES = tasks.DEMO_RECIPES + ("awq+gptq:int3:g128",)
 def run(model: str = "smollm2-135m", recipes=RECIPES, *, eval_tokens: int | None = 16384,
         calib_windows: int = 32, calib_len: int = 512, seed: int = 0,
         out_dir: str | Path = "experiments/results", name: str = "ptq_table",
-        merge: bool = False, progress: bool = True) -> dict:
+        merge: bool = False, progress: bool = True, calib_data: str = "ptb",
+        heldout: tuple[str, ...] = tasks.HELDOUT) -> dict:
     """Runs the table and writes its JSON and plot; returns the result dict.
+
+    Every recipe is scored on PTB test (in-domain) and on each ``heldout`` text's test split;
+    calibration uses ``calib_data`` (train splits only).
 
     ``merge=True`` re-runs only ``recipes`` and replaces their rows in the existing JSON
     (which must have the same model, budget and seed); each row keeps the environment
@@ -42,9 +46,12 @@ def run(model: str = "smollm2-135m", recipes=RECIPES, *, eval_tokens: int | None
     loaded = load(model)
     old = json.loads(path.read_text()) if merge else None
     if old is not None and (old["model"] != loaded.name or old["seed"] != seed
-                            or old["budget"] != dataclasses.asdict(budget)):
+                            or old["budget"] != dataclasses.asdict(budget)
+                            or old.get("calib_data", "ptb") != calib_data
+                            or old.get("heldout", []) != list(heldout)):
         raise ValueError(f"--merge needs the settings of {path}: model {old['model']}, "
-                         f"seed {old['seed']}, budget {old['budget']}.")
+                         f"seed {old['seed']}, budget {old['budget']}, calibration "
+                         f"{old.get('calib_data', 'ptb')}, held-out {old.get('heldout', [])}.")
 
     provenance = measured_by()
 
@@ -56,7 +63,7 @@ def run(model: str = "smollm2-135m", recipes=RECIPES, *, eval_tokens: int | None
         path.write_text(json.dumps(result, indent=2))
 
     result = tasks.demo_rows(loaded, recipes, budget, seed=seed, progress=progress,
-                             on_row=write)
+                             calib_data=calib_data, heldout=tuple(heldout), on_row=write)
     write(result)
     result = json.loads(path.read_text())
     plot_ppl_vs_size(result["rows"], out / f"{name}.png", title=f"{model} on PTB test")
@@ -112,11 +119,17 @@ def main() -> None:
     p.add_argument("--name", default="ptq_table")
     p.add_argument("--merge", action="store_true",
                    help="re-run only --recipes and replace their rows in the existing JSON")
+    p.add_argument("--calib-data", default="ptb",
+                   help="calibration set: ptb | a text file | a mix such as ptb+shakespeare+kjv")
+    p.add_argument("--heldout", default=",".join(tasks.HELDOUT),
+                   help="held-out texts scored next to PTB test (comma-separated, or none)")
     a = p.parse_args()
     recipes = a.recipes.split(",") if a.recipes else RECIPES
+    heldout = () if a.heldout == "none" else tuple(a.heldout.split(","))
     r = run(a.model, recipes, eval_tokens=None if a.full else a.eval_tokens,
             calib_windows=a.calib_windows, calib_len=a.calib_len, seed=a.seed,
-            out_dir=a.out_dir, name=a.name, merge=a.merge)
+            out_dir=a.out_dir, name=a.name, merge=a.merge, calib_data=a.calib_data,
+            heldout=heldout)
     print(tasks.markdown_table(r["rows"]))
 
 
