@@ -111,7 +111,8 @@ def goals(result: dict) -> list[dict]:
             and r["recipe"] in ("int4_g128_wo", "w4a8_g128")]
     best = max(four, key=lambda r: r["tokens_per_s"], default=None)
     add("fastest 4-bit jaxquant recipe, batch 1, vs llama.cpp Q4_0 (2 threads)", 0.75,
-        best and "q4_0" in llama and best["tokens_per_s"] / llama["q4_0"]["tokens_per_s"],
+        best["tokens_per_s"] / llama["q4_0"]["tokens_per_s"] if best and "q4_0" in llama
+        else None,
         f"tok/s ratio ({best['recipe'] if best else 'none'} / llama.cpp Q4_0)" if llama
         else "not measured (llama_cpp not importable)")
     return out
