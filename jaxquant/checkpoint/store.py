@@ -111,7 +111,8 @@ def save(directory: str | os.PathLike, tree: PyTree, *, force: bool = False) -> 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     # Swap: until the first rename the old checkpoint is untouched; between the two renames
-    # (microseconds) it sits at `old`, which restore's error message points to.
+    # (microseconds) it sits at `old` and the complete new one at `staging`: restore then
+    # finishes the swap (_recover).
     os.rename(directory, old)
     os.rename(staging, directory)
     shutil.rmtree(old, ignore_errors=True)
@@ -145,7 +146,25 @@ def _missing_message(directory: pathlib.Path) -> str:
     return msg + " Check the path (or list the parent directory)."
 
 
+def _recover(directory: pathlib.Path) -> None:
+    """Finishes a ``force`` save that crashed between its two renames.
+
+    Then ``directory`` is missing, the old checkpoint sits at ``<name>.jaxquant-old-<tag>`` and
+    the new one, complete (Orbax had finalized it), at ``<name>.jaxquant-new-<tag>``: the new
+    one is moved into place and the old one deleted, as the save would have done.
+    """
+    if directory.exists() or not directory.parent.is_dir():
+        return
+    for old in directory.parent.glob(f"{directory.name}.jaxquant-old-*"):
+        new = old.with_name(old.name.replace(".jaxquant-old-", ".jaxquant-new-"))
+        if new.is_dir() and _is_checkpoint(new) and (new / META_ITEM).is_dir():
+            os.rename(new, directory)
+            shutil.rmtree(old, ignore_errors=True)
+            return
+
+
 def _check_directory(directory: pathlib.Path) -> None:
+    _recover(directory)
     if TMP_SUFFIX in directory.name:
         raise ValueError(
             f"{directory} is an unfinished Orbax save (its name holds {TMP_SUFFIX!r}); it was "

@@ -84,3 +84,28 @@ def test_manager_step_with_flipped_byte_is_a_clear_error(tmp_path):
     ):
         mngr.restore()
     gc.collect()
+
+
+def test_crash_between_the_two_renames_of_a_forced_save_is_recovered(tmp_path, monkeypatch):
+    """save(force=True) moves the old checkpoint aside, then the new one in; a crash between
+    the two renames leaves no directory: restore finishes the swap with the complete new one."""
+    import os
+
+    path = checkpoint.save(tmp_path / "c", {"w": jnp.zeros(3)})
+    real, calls = os.rename, []
+
+    def second_rename_dies(src, dst):
+        if ".orbax-checkpoint-tmp" in os.fspath(src):  # Orbax's own finalizing rename
+            return real(src, dst)
+        calls.append(src)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "rename", second_rename_dies)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(path, {"w": jnp.ones(3)}, force=True)
+    monkeypatch.setattr(os, "rename", real)
+    assert not path.exists()
+    np.testing.assert_array_equal(checkpoint.restore(path)["w"], np.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
