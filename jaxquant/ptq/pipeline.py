@@ -152,6 +152,10 @@ class _Calib:
             jnp.concatenate(kept[name])[: self.max_sample] if sample else None)) for name in names}
 
 
+def _capture_one(capture, block_params, name, x, positions):
+    return {name: capture(block_params, x, positions)}
+
+
 def _fold(algo: PTQAlgorithm, sites: SiteTable, flat: dict, measured: dict) -> tuple[dict, dict]:
     """The algorithm's scales of the float block, folded. Returns ``(params, scales)``: the
     folded params (path -> array) compute the same function in float; ``scales[site]`` divides
@@ -185,8 +189,9 @@ def _quantize_block(algo: PTQAlgorithm, sites: SiteTable, bp: dict, cal: _Calib 
     one_shot = not algo.sequential
     names = [site.name for site in sites]
     measured = {}
-    if algo.fold_needs or (algo.needs and one_shot):
-        measured = cal.measure(functools.partial(cal.capture, bp), hessian and one_shot,
+    if algo.fold_needs or (algo.needs and one_shot):  # one pass of the float block
+        measured = cal.measure(functools.partial(cal.capture, bp),
+                               Stat.HESSIAN in algo.fold_needs or (hessian and one_shot),
                                Stat.SAMPLE in algo.fold_needs or (sample and one_shot), names)
     flat, scales = _fold(algo, sites, flat, measured)
     out = dict(flat)
@@ -195,10 +200,9 @@ def _quantize_block(algo: PTQAlgorithm, sites: SiteTable, bp: dict, cal: _Calib 
         if one_shot:
             inputs = dataclasses.replace(measured.get(site.name, SiteInputs()),
                                          scale=scales.get(site.name))
-        else:
-            cur_bp = traverse_util.unflatten_dict(cur, sep="/")
-            step = lambda x, pos, _bp=cur_bp, _n=site.name: {  # noqa: E731
-                _n: cal.capture_site(_n)(_bp, x, pos)}
+        else:  # this site's inputs, through the block with the earlier sites quantized
+            step = functools.partial(_capture_one, cal.capture_site(site.name),
+                                     traverse_util.unflatten_dict(cur, sep="/"), site.name)
             inputs = cal.measure(step, hessian, sample, [site.name])[site.name]
         for lin, path in zip(site.linears, site.kernels, strict=True):
             k = flat[path]
