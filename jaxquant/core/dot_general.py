@@ -182,7 +182,7 @@ def _codes_dot(lcodes, rcodes, dn, acc, lfree):
     return lax.slice_in_dim(y, 0, 1, axis=0)  # no batch axes: lhs_free[0] is output axis 0
 
 
-def _scaled_codes_dot(lq: QArray, rq: QArray, dn, out_dtype, kind: str):
+def _scaled_codes_dot(lq: QArray, rq: QArray, dn, out_dtype, kind: QKind):
     """The integer / fp8 product with one rescale; None when the scales don't factor."""
     (lc, rc), (lb, rb) = dn
     fl, fr = _factoring(lq, lc), _factoring(rq, rc)
@@ -194,7 +194,7 @@ def _scaled_codes_dot(lq: QArray, rq: QArray, dn, out_dtype, kind: str):
     lcodes, rcodes = lq.codes(), rq.codes()
     lfree = _free_axes(lq.ndim, lc, lb)
     rfree = _free_axes(rq.ndim, rc, rb)
-    acc = jnp.int32 if kind == "int" else jnp.float32
+    acc = jnp.int32 if kind is QKind.INT else jnp.float32
     if gsizes:
         g = gsizes.pop()
         (cl,), (cr,) = lc, rc
@@ -265,11 +265,11 @@ def _forward(lhs, rhs, dn, precision, preferred_element_type, lspec, rspec, int_
                                   tile=tile_rows(rq) if rq.ndim == 2 else None)
                 if y is not None:
                     return y
-            y = _scaled_codes_dot(lq, rq, dn, out_dtype, "int")
+            y = _scaled_codes_dot(lq, rq, dn, out_dtype, QKind.INT)
             if y is not None:
                 return y
         if kinds == {QKind.FLOAT}:
-            y = _scaled_codes_dot(lq, rq, dn, out_dtype, "fp8")
+            y = _scaled_codes_dot(lq, rq, dn, out_dtype, QKind.FLOAT)
             if y is not None:
                 return y
     ftype = _float_dtype(lhs, rhs)

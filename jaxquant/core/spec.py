@@ -121,7 +121,7 @@ class QuantSpec(JsonConfig):
                 f"full_range and fp16_scales must be True or False, got {self.full_range!r} "
                 f"and {self.fp16_scales!r}."
             )
-        if self.full_range and (qt.kind != "int" or not self.symmetric):
+        if self.full_range and (qt.kind is not QKind.INT or not self.symmetric):
             raise ValueError(
                 f"full_range=True is a symmetric int grid; got qtype={self.qtype}, "
                 f"symmetric={self.symmetric}. Use an int qtype with symmetric=True."

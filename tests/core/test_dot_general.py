@@ -88,9 +88,9 @@ def half_step(q: jq.QArray, x=None) -> jax.Array:
     """
     qt = jq.get_qtype(q.qtype)
     s = full_scale(q)
-    if qt.kind == "int":
+    if qt.kind is jq.QKind.INT:
         return s / 2
-    if qt.kind == "codebook":
+    if qt.kind is jq.QKind.CODEBOOK:
         cb = np.unique(np.asarray(qt.codebook, np.float64))
         return s * float(np.max(np.diff(cb))) / 2
     fi = jnp.finfo(qt.storage_dtype)

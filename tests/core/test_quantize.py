@@ -57,15 +57,15 @@ def reference_bound(x, qtype, symmetric, shape, kw):
     qt = jq.get_qtype(qtype)
     x = np.asarray(x, np.float64)
     amax = group_stat(x, shape, kw, lambda v: np.abs(v).max())
-    if qt.kind == "int" and not symmetric:
+    if qt.kind is jq.QKind.INT and not symmetric:
         lo = group_stat(x, shape, kw, np.min)
         hi = group_stat(x, shape, kw, np.max)
         step = (hi - lo) / (2**qt.bits - 1)
         return 0.5 * step + 8 * EPS32 * (amax + step * 2**qt.bits)
     slack = 8 * EPS32 * amax
-    if qt.kind == "int":
+    if qt.kind is jq.QKind.INT:
         return 0.5 * amax / qt.qmax + slack
-    if qt.kind == "float":
+    if qt.kind is jq.QKind.FLOAT:
         fi = jnp.finfo(qt.storage_dtype)
         scale = amax / float(fi.max)
         v = np.abs(np.divide(x, scale, out=np.zeros_like(x), where=scale > 0))
@@ -114,7 +114,7 @@ def test_round_trip_within_half_step(qtype, symmetric, case):
     assert np.all(err <= bound), (
         f"{qtype} sym={symmetric} {kw}: error {err[worst]} > bound {bound[worst]} at {worst}"
     )
-    if jq.get_qtype(qtype).kind == "int":
+    if jq.get_qtype(qtype).kind is jq.QKind.INT:
         _check_int_scale_is_the_step(q, x, qtype, symmetric, shape, kw)
 
 
