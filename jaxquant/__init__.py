@@ -31,6 +31,7 @@ from jaxquant.core import make_dot_general as make_dot_general
 from jaxquant.core import pack as pack
 from jaxquant.core import quantize as quantize
 from jaxquant.core import unpack as unpack
+from jaxquant.core import w4a8 as w4a8
 from jaxquant.core import w8a8 as w8a8
 from jaxquant.core import weight_only as weight_only
 

@@ -45,6 +45,7 @@ from jaxquant.core.dot_config import (  # noqa: E402
     DotGeneralConfig,
     fp8,
     fully_quantized,
+    w4a8,
     w8a8,
     weight_only,
 )
@@ -68,6 +69,7 @@ __all__ += [
     "make_dot_general",
     "operand_spec",
     "quantize_operand",
+    "w4a8",
     "w8a8",
     "weight_only",
 ]
