@@ -175,12 +175,22 @@ def run(args) -> dict:
 
     # (b) the original GGUF, and jaxquant's float model exported as all-F32.
     f32_file = work / "jaxquant-f32.gguf"
+    float_rows = ["original GGUF (llama.cpp) vs jaxquant fp32"]
+    if args.f32_row == "full":
+        float_rows.append("jaxquant fp32 exported F32")
     fp32 = None
-    if not {"original GGUF (llama.cpp) vs jaxquant fp32", "jaxquant fp32 exported F32"} <= done:
+    if not set(float_rows) <= done:
         fp32 = jaxquant_logprobs(model.cfg, model.params, windows)
-    row("original GGUF (llama.cpp) vs jaxquant fp32", source, fp32, kind="original")
+    row(float_rows[0], source, fp32, kind="original")
     write_gguf(f32_file, model.cfg, model.params, source, ExportOptions(float_type="f32"))
-    row("jaxquant fp32 exported F32", f32_file, fp32, kind="f32")
+    if args.f32_row == "full":
+        row(float_rows[1], f32_file, fp32, kind="f32")
+    elif args.f32_row == "speed" and "jaxquant fp32 exported F32 (speed)" not in done:
+        result["rows"].append({
+            "name": "jaxquant fp32 exported F32 (speed)", "file": f32_file.name, "kind": "f32",
+            "bytes": f32_file.stat().st_size, "types": _type_counts(f32_file),
+            "decode_tok_s": decode_speed(f32_file, args.threads, prompt, args.decode_tokens)})
+        save()
     # (a) jaxquant recipes, exported.
     recipes = list(args.recipes.split(",")) if args.recipes else []
     if args.gptq_checkpoint:
@@ -229,6 +239,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=8192)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--f32-row", choices=["full", "speed", "none"], default="full",
+                   help="evaluate the all-F32 export (it is written either way): perplexity "
+                        "and speed, speed alone, or not at all")
     p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=32)
