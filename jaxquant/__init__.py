@@ -35,12 +35,25 @@ from jaxquant.core import w4a8 as w4a8
 from jaxquant.core import w8a8 as w8a8
 from jaxquant.core import weight_only as weight_only
 
+# Public names that need Flax, resolved on first use (`jq.QuantRule`), so that `import jaxquant`
+# stays pure JAX: name -> module that defines it.
+_LAZY = {
+    "QuantRule": "jaxquant.nn.rules",
+    "quantize_model": "jaxquant.nn.any_model",
+}
+
 
 def __getattr__(name):
+    import importlib
+
     # `jq.checkpoint` is the Orbax checkpoint module; imported lazily so that the pure-JAX core
     # does not pull in Orbax.
     if name == "checkpoint":
-        import importlib
-
         return importlib.import_module("jaxquant.checkpoint")
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'jaxquant' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

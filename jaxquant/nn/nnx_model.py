@@ -1,0 +1,169 @@
+"""``quantize_model`` for Flax NNX: a quantized copy of the user's module.
+
+The copy (``nnx.clone``) keeps the model's class and its float ``nnx.Param`` s; every layer a
+rule matches gets a quantized product through the hook NNX gives it (``nnx.Linear.dot_general``,
+``nnx.LinearGeneral.dot_general``, ``nnx.Einsum.einsum_op``, ``nnx.Conv.conv_general_dilated``).
+So ``qmodel(x)`` runs the quantized forward and ``nnx.state(qmodel, nnx.Param)`` holds the float
+params it trains. :func:`to_serving_nnx` makes a serving copy whose quantized kernels are packed
+QArrays held by :class:`QKernel` variables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from flax import nnx
+
+from jaxquant.core import QArray
+from jaxquant.core.einsum_spec import parse_einsum
+from jaxquant.nn.any_model import unsupported_error
+from jaxquant.nn.layer_quant import (
+    ConvOp,
+    DotOp,
+    EinsumOp,
+    LayerPlan,
+    Op,
+    make_plan,
+    promote_keep_qarray,
+)
+from jaxquant.nn.rules import QuantRule, match_rule
+
+# NNX layer type -> (op, hook attribute, hook class attribute or None)
+_NNX_LAYERS = {
+    nnx.Linear: (Op.DOT, "dot_general", None),
+    nnx.LinearGeneral: (Op.DOT, "dot_general", "dot_general_cls"),
+    nnx.Einsum: (Op.EINSUM, "einsum_op", None),
+    nnx.Conv: (Op.CONV, "conv_general_dilated", None),
+}
+_HOOKS = (DotOp, EinsumOp, ConvOp)
+
+
+class QKernel(nnx.Variable):
+    """A served kernel: holds a packed :class:`~jaxquant.core.QArray`; ``kernel[...]`` is the
+    QArray itself (what the quantized hooks take)."""
+
+    def __getitem__(self, key):
+        value = self.get_value()
+        if key is Ellipsis and isinstance(value, QArray):
+            return value
+        return super().__getitem__(key)
+
+
+def _kind(node):
+    for cls, v in _NNX_LAYERS.items():
+        if isinstance(node, cls):
+            return v
+    return None
+
+
+def _path(keys) -> str:
+    return "/".join(str(k) for k in keys)
+
+
+@dataclasses.dataclass(eq=False)
+class _Recorder:
+    """Records a layer's kernel shape and contracting axes on the example forward."""
+
+    path: str
+    layer: str
+    op: Op
+    config: object
+    plans: dict
+
+    def __call__(self, *args, **kwargs):
+        if self.op is Op.EINSUM:
+            eq, lhs, rhs = args[:3]
+            axes = parse_einsum(eq.replace(" ", "")).rhs_contracting
+            self.plans[self.path] = make_plan(
+                self.path, self.layer, self.op, rhs.shape, axes, self.config
+            )
+            return EinsumOp(self.plans[self.path])(*args, **kwargs)
+        lhs, rhs = args[:2]
+        if self.op is Op.CONV:
+            axes = tuple(range(rhs.ndim - 1))
+            self.plans[self.path] = make_plan(
+                self.path, self.layer, self.op, rhs.shape, axes, self.config
+            )
+            return ConvOp(self.plans[self.path])(*args, **kwargs)
+        dn = args[2] if len(args) > 2 else kwargs["dimension_numbers"]
+        self.plans[self.path] = make_plan(
+            self.path, self.layer, self.op, rhs.shape, dn[0][1], self.config
+        )
+        return DotOp(self.plans[self.path])(*args, **kwargs)
+
+
+def quantize_nnx(model: nnx.Module, rules: tuple[QuantRule, ...], *args, **kwargs) -> nnx.Module:
+    """A quantization-aware copy of ``model`` (see :func:`jaxquant.nn.any_model.quantize_model`)."""
+    q = nnx.clone(model)
+    plans: dict[str, LayerPlan] = {}
+    hooked = []
+    for keys, node in nnx.iter_graph(q):
+        if not isinstance(node, nnx.Module):
+            continue
+        path = _path(keys)
+        m = match_rule(rules, path)
+        if m is None or m[1].config is None:
+            continue
+        kind = _kind(node)
+        if kind is None:
+            if any(isinstance(getattr(node, n, None), nnx.Param) for n in ("kernel", "embedding")):
+                raise unsupported_error(path, type(node).__name__, m[1])
+            continue
+        if getattr(node, "mask", None) is not None:
+            raise unsupported_error(path, f"{type(node).__name__} with a mask", m[1])
+        op, hook, hook_cls = kind
+        setattr(node, hook, _Recorder(path, type(node).__name__, op, m[1].config, plans))
+        if hook_cls is not None:
+            setattr(node, hook_cls, None)
+        hooked.append((path, node, op, hook))
+    # One abstract forward finds each layer's kernel shape and contracting axes.
+    nnx.eval_shape(lambda mod: mod(*args, **kwargs), q)
+    for path, node, op, hook in hooked:
+        if path not in plans:
+            raise ValueError(
+                f"{path}: a rule matches this {type(node).__name__}, but the model's forward on "
+                "the example inputs never calls it, so its contracting axes are unknown. Pass "
+                "inputs that reach it, or keep it float with QuantRule(r'^" + path + "$', None)."
+            )
+        fn = {Op.DOT: DotOp, Op.EINSUM: EinsumOp, Op.CONV: ConvOp}[op](plans[path])
+        setattr(node, hook, fn)
+    return q
+
+
+def layer_plans(qmodel: nnx.Module) -> dict[str, LayerPlan]:
+    """``{module path: LayerPlan}`` of a model from :func:`quantize_nnx` (group sizes used)."""
+    out = {}
+    for keys, node in nnx.iter_graph(qmodel):
+        kind = _kind(node) if isinstance(node, nnx.Module) else None
+        if kind is None:
+            continue
+        fn = getattr(node, kind[1], None)
+        if isinstance(fn, _HOOKS):
+            out[_path(keys)] = fn.plan
+    return out
+
+
+def to_serving_nnx(qmodel: nnx.Module) -> nnx.Module:
+    """A serving copy of a quantized NNX model: each quantized kernel a packed QArray in a
+    :class:`QKernel` (no float copy), run by the same hooks. ``qmodel`` is unchanged.
+
+    Raises:
+      ValueError: when ``qmodel`` has no quantized layer (not from ``quantize_model``).
+    """
+    s = nnx.clone(qmodel)
+    plans = layer_plans(s)
+    if not plans:
+        raise ValueError(
+            "to_serving: this NNX model has no quantized layer; pass the model that "
+            "jq.quantize_model returned."
+        )
+    for keys, node in nnx.iter_graph(s):
+        path = _path(keys)
+        if path not in plans or not isinstance(node, nnx.Module):
+            continue
+        kernel = node.kernel
+        if isinstance(kernel, QKernel):
+            continue
+        node.kernel = QKernel(plans[path].quantize_kernel(kernel.get_value()))
+        node.promote_dtype = promote_keep_qarray
+    return s
