@@ -40,7 +40,7 @@ SNAPSHOT: dict[str, tuple[str, ...]] = {
         "dequantize_codes", "dot_general", "dot_general_reference", "einsum", "fake_quant", "fp8",
         "fully_quantized", "gather_rows", "get_qtype", "lsq_fake_quant", "lsq_init_scale",
         "make_dot_general", "operand_spec", "pack", "parse_einsum", "quantize", "quantize_codes",
-        "quantize_operand", "resolve_layout", "unpack", "w8a8", "weight_only",
+        "quantize_operand", "resolve_layout", "unpack", "w4a8", "w8a8", "weight_only",
     ),
     "jaxquant.nn": (
         "ActStats", "Attention", "Block", "KVCache", "LayerKVCache", "MLP", "QDense",
@@ -50,7 +50,7 @@ SNAPSHOT: dict[str, tuple[str, ...]] = {
         "convert", "decode_step",
         "generate", "half_to_adjacent", "infer_contracting_axes", "init_kv_cache", "kv_cache_bytes",
         "match_rule", "param_bytes", "prefill", "quantize_params", "quantized_interceptor",
-        "sample", "serving_param_bytes", "serving_params_shape", "static_scale",
+        "sample", "serving_param_bytes", "serving_params_shape", "static_scale", "to_serving",
     ),
     "jaxquant.ptq": (
         "ALGORITHMS", "AWQ", "GPTQ", "GPTQConfig", "InputStats", "PTQAlgorithm", "PTQOptions",
@@ -71,8 +71,9 @@ SNAPSHOT: dict[str, tuple[str, ...]] = {
         "resolve_model", "save_quantized",
     ),
     "jaxquant.data": (
-        "DATASETS", "TextTokenizer", "byte_tokenizer", "cache_dir", "calibration_windows",
-        "load_text", "tokenize_cached", "tokenizer_from_file", "tokenizer_from_gguf",
+        "DATASETS", "EVAL_SETS", "TextTokenizer", "byte_tokenizer", "cache_dir",
+        "calibration_sources", "calibration_windows", "load_text", "tokenize_cached",
+        "tokenizer_from_file", "tokenizer_from_gguf",
     ),
 }
 # fmt: on

@@ -8,6 +8,7 @@ Train -> convert -> serve::
     logits = Transformer(model.cfg, mode=QuantMode.SERVE).apply({"params": serve_params}, tokens)
 """
 
+from jaxquant.nn.any_model import to_serving as to_serving
 from jaxquant.nn.attention import Attention as Attention
 from jaxquant.nn.attention import attend as attend
 from jaxquant.nn.axes import infer_contracting_axes as infer_contracting_axes
