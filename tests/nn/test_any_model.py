@@ -102,6 +102,7 @@ LAYERS = {
     "dense_general": (lambda: nn.DenseGeneral((3, 8)), (6, 5, 48)),
     "einsum": (lambda: nn.Einsum((40, 3, 8), "bd,dhk->bhk"), (6, 40)),
     "conv": (lambda: nn.Conv(12, (3, 3)), (2, 7, 7, 64)),
+    "depthwise_conv": (lambda: nn.Conv(16, (3, 3), feature_group_count=16), (2, 7, 7, 16)),
 }
 
 
@@ -117,7 +118,7 @@ def _expand(q: QArray) -> jax.Array:
 def _act_half_step(x, kind):
     """Half the int8 step of the activations as the layer quantizes them (a scale per row of
     the contracting axes; per example for a conv)."""
-    axes = {"dense": (-1,), "dense_general": (-1,), "einsum": (-1,), "conv": (1, 2, 3)}[kind]
+    axes = (1, 2, 3) if kind.endswith("conv") else (-1,)
     return jnp.broadcast_to(jnp.max(jnp.abs(x), axis=axes, keepdims=True) / 127 / 2, x.shape)
 
 
