@@ -23,7 +23,16 @@ def test_run_writes_complete_json(bench, tmp_path):
     assert data["device"] == "cpu" and data["peers"] == {"requested": False}
     (entry,) = data["shapes"]
     assert (entry["m"], entry["k"], entry["n"]) == (8, 128, 32)
-    expected_ops = {"f32", "bf16", "int8_raw", "jq_w8a8", "jq_wo_int8", "jq_wo_int4_g128", "jq_fp8"}
+    expected_ops = {
+        "f32",
+        "bf16",
+        "int8_raw",
+        "jq_w8a8",
+        "jq_wo_int8",
+        "jq_wo_int4_g128",
+        "jq_w4a8_g128",
+        "jq_fp8",
+    }
     assert set(entry["results"]) == expected_ops
     for name, r in entry["results"].items():
         assert r["median_ms"] > 0 and len(r["times_ms"]) == 1, name
