@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -64,6 +65,19 @@ def check_rules(rules: Sequence[QuantRule]) -> tuple[QuantRule, ...]:
                 "jq.QuantRule(pattern, config)."
             )
     return rules
+
+
+def warn_unused_rules(rules: tuple[QuantRule, ...], weight_paths) -> None:
+    """A ``UserWarning`` for rules that are the first match of no weight-holding layer (a typo
+    in a pattern, or a rule shadowed by an earlier one)."""
+    used = {m[0] for p in weight_paths if (m := match_rule(rules, p)) is not None}
+    unused = [r.pattern for i, r in enumerate(rules) if i not in used]
+    if unused:
+        warnings.warn(
+            f"quantize_model: rules matched no layer: {unused}. Layer paths: "
+            f"{sorted(weight_paths)[:12]}.",
+            stacklevel=3,
+        )
 
 
 def unsupported_error(path: str, layer: str, rule: QuantRule) -> ValueError:
@@ -204,6 +218,7 @@ def _plan_linen(model, rules, args, kwargs) -> dict[str, LayerPlan]:
         m = match_rule(rules, path)
         if m is not None and m[1].config is not None and path not in plans:
             raise unsupported_error(path, seen.get(path, "module"), m[1])
+    warn_unused_rules(rules, owners)
     return plans
 
 

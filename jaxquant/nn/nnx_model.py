@@ -16,7 +16,7 @@ from flax import nnx
 
 from jaxquant.core import QArray
 from jaxquant.core.einsum_spec import parse_einsum
-from jaxquant.nn.any_model import unsupported_error
+from jaxquant.nn.any_model import unsupported_error, warn_unused_rules
 from jaxquant.nn.layer_quant import (
     ConvOp,
     DotOp,
@@ -96,11 +96,13 @@ def quantize_nnx(model: nnx.Module, rules: tuple[QuantRule, ...], *args, **kwarg
     """A quantization-aware copy of ``model`` (see :func:`jaxquant.nn.any_model.quantize_model`)."""
     q = nnx.clone(model)
     plans: dict[str, LayerPlan] = {}
-    hooked = []
+    hooked, weight_paths = [], []
     for keys, node in nnx.iter_graph(q):
         if not isinstance(node, nnx.Module):
             continue
         path = _path(keys)
+        if any(isinstance(getattr(node, n, None), nnx.Param) for n in ("kernel", "embedding")):
+            weight_paths.append(path)
         m = match_rule(rules, path)
         if m is None or m[1].config is None:
             continue
@@ -116,6 +118,7 @@ def quantize_nnx(model: nnx.Module, rules: tuple[QuantRule, ...], *args, **kwarg
         if hook_cls is not None:
             setattr(node, hook_cls, None)
         hooked.append((path, node, op, hook))
+    warn_unused_rules(rules, weight_paths)
     # One abstract forward finds each layer's kernel shape and contracting axes.
     nnx.eval_shape(lambda mod: mod(*args, **kwargs), q)
     for path, node, op, hook in hooked:

@@ -327,6 +327,16 @@ def test_nnx_train_convert_serve(name, cfg_name):
     assert not [p for p in float_paths if "kernel" in p]  # no float copy of a quantized kernel
 
 
+def test_a_rule_that_matches_no_layer_warns():
+    x = jnp.ones((2, 48))
+    rules = [jq.QuantRule("Dense_", jq.w8a8()), jq.QuantRule("Dnese_9", None)]
+    with pytest.warns(UserWarning, match=r"rules matched no layer: \['Dnese_9'\]"):
+        jq.quantize_model(MLP(), rules, x)
+    model, x = _nnx("mlp")
+    with pytest.warns(UserWarning, match=r"\['lin1'\]"):
+        jq.quantize_model(model, [jq.QuantRule("lin1", jq.w8a8())], x)
+
+
 def test_nnx_errors_name_the_module_path():
     class WithEmbed(nnx.Module):
         def __init__(self, rngs):
