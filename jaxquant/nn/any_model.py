@@ -12,12 +12,13 @@ One entry point for both Flax APIs (dispatch on the module type):
 :func:`to_serving` converts either kind. Each matched layer's plan (op, contracting axes,
 config, the group size used) is in ``qmodel.layers`` (linen) / :func:`layer_plans` (NNX).
 
-Example:
-  >>> rules = [jq.QuantRule(r".*", jq.weight_only("int4", group_size=32))]  # doctest: +SKIP
-  >>> qmodel = jq.quantize_model(model, rules, x)                 # linen  # doctest: +SKIP
-  >>> variables = qmodel.init(key, x)                             # float params, QAT forward
-  >>> serving = qmodel.convert(variables)                         # packed int4 kernels
-  >>> logits = qmodel.apply(serving, x)
+Example (linen)::
+
+    rules = [jq.QuantRule(r".*", jq.weight_only("int4", group_size=32))]
+    qmodel = jq.quantize_model(model, rules, x)
+    variables = qmodel.init(key, x)            # float params; the forward is quantized (QAT)
+    serving = qmodel.convert(variables)        # packed int4 kernels
+    logits = qmodel.apply(serving, x)
 """
 
 from __future__ import annotations
