@@ -27,6 +27,20 @@ def _recipe(text: str | None):
     return parse_recipe(text) if text else None
 
 
+def _ptq_methods() -> list[str]:
+    """The registry's methods that quantize (everything but ``fp32``)."""
+    from jaxquant.ptq.registry import ALGORITHMS
+
+    return [name for name, algo in ALGORITHMS.items() if algo.quantizes]
+
+
+def _quantizes_activations(method: str) -> bool:
+    """W8A8-style methods (int8 activations too) take ``--qtype int8`` whatever was given."""
+    from jaxquant.ptq.registry import ALGORITHMS
+
+    return ALGORITHMS[method].activations
+
+
 def _heldout(args) -> tuple[str, ...]:
     """The ``--heldout`` data sets (``none``: no held-out scoring)."""
     from jaxquant import data
@@ -261,8 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ptq = sub.add_parser("ptq", help="quantize a model and write an Orbax checkpoint")
     common(ptq)
-    ptq.add_argument("--method", required=True,
-                     choices=["rtn", "gptq", "awq", "awq+gptq", "smoothquant", "w8a8"])
+    ptq.add_argument("--method", required=True, choices=_ptq_methods(),
+                     help="a PTQ algorithm of jaxquant.ptq.registry")
     ptq.add_argument("--qtype", default="int4",
                      help="int2..int8, nf4, fp8..., or a llama.cpp grid q4_0 | q4_1 | q8_0")
     ptq.add_argument("--group-size", type=int)
@@ -339,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     :class:`jaxquant.errors.JaxquantError`, and ``OSError``) is one line on stderr and exit
     status 2; a traceback means a bug in jaxquant."""
     args = build_parser().parse_args(argv)
-    if getattr(args, "command", None) == "ptq" and args.method in ("smoothquant", "w8a8"):
+    if getattr(args, "command", None) == "ptq" and _quantizes_activations(args.method):
         args.qtype = "int8"
     try:
         _check_args(args)

@@ -27,6 +27,7 @@ from jaxquant.nn.params import param_bytes
 from jaxquant.nn.transformer import Transformer
 from jaxquant.ptq.pipeline import PTQOptions, quantize_model
 from jaxquant.ptq.recipe import Recipe, parse_recipe
+from jaxquant.ptq.registry import ALGORITHMS
 
 
 def environment() -> dict[str, Any]:
@@ -269,6 +270,12 @@ def demo_rows(
     return result()
 
 
+def _calibrated_weight_method(method: str) -> bool:
+    """A registered weight-only method other than RTN (GPTQ, AWQ, awq+gptq, clip...)."""
+    algo = ALGORITHMS.get(method)
+    return algo is not None and method != "rtn" and algo.quantizes and not algo.activations
+
+
 def add_recovery(rows: list[dict[str, Any]]) -> None:
     """Adds ``recovered``: the fraction of RTN's perplexity loss a calibrated method removes,
     ``(ppl_rtn - ppl) / (ppl_rtn - ppl_fp32)``, against the RTN row of the same qtype, group
@@ -283,7 +290,7 @@ def add_recovery(rows: list[dict[str, Any]]) -> None:
         out = {}
         for i, r in enumerate(rows):
             method, _, rest = r["recipe"].partition(":")
-            if method in ("gptq", "awq", "awq+gptq") and fp32 is not None and rest in rtn:
+            if _calibrated_weight_method(method) and fp32 is not None and rest in rtn:
                 loss = rtn[rest] - fp32
                 if loss > 0:
                     out[i] = (rtn[rest] - get(r)) / loss
