@@ -134,9 +134,8 @@ def _recover(directory: Path) -> None:
     _remove_leftovers(directory)
 
 
-def recorded_model(directory: str | os.PathLike) -> str | None:
-    """The model a checkpoint of :func:`save_quantized` was made from (its ``--model``), if
-    recorded; reads only the sidecar."""
+def _sidecar(directory: str | os.PathLike) -> tuple[Path, Path]:
+    """``(directory, its sidecar)``, after finishing an interrupted swap; the sidecar must exist."""
     directory = Path(directory).absolute()
     _recover(directory)
     side = directory / SIDECAR
@@ -144,6 +143,13 @@ def recorded_model(directory: str | os.PathLike) -> str | None:
         raise FileNotFoundError(
             f"{side} is missing: {directory} is not a checkpoint written by `jaxquant ptq --out`."
         )
+    return directory, side
+
+
+def recorded_model(directory: str | os.PathLike) -> str | None:
+    """The model a checkpoint of :func:`save_quantized` was made from (its ``--model``), if
+    recorded; reads only the sidecar."""
+    directory, side = _sidecar(directory)
     try:
         info = json.loads(side.read_text()).get("info", {})
     except (ValueError, UnicodeDecodeError, AttributeError) as e:
@@ -156,13 +162,7 @@ def recorded_model(directory: str | os.PathLike) -> str | None:
 
 def load_quantized(directory: str | os.PathLike) -> tuple[TransformerConfig, Any, dict]:
     """Reads a checkpoint of :func:`save_quantized`: ``(serve_cfg, params, sidecar)``."""
-    directory = Path(directory).absolute()
-    _recover(directory)
-    side = directory / SIDECAR
-    if not side.is_file():
-        raise FileNotFoundError(
-            f"{side} is missing: {directory} is not a checkpoint written by `jaxquant ptq --out`."
-        )
+    directory, side = _sidecar(directory)
     try:
         sidecar = json.loads(side.read_text())
         if not isinstance(sidecar, dict) or "transformer_config" not in sidecar:
