@@ -4,9 +4,9 @@
 ``from ... import X as X`` re-exports) of each public package. Adding, removing or renaming a
 public name fails :func:`test_public_names_match_the_snapshot` until the snapshot is updated in
 the same commit, so the change is deliberate and shows up in review. To print the current
-surface in this file's format::
+surface in this file's format, or rewrite ``SNAPSHOT`` with it::
 
-    python tests/test_public_api.py
+    python tests/test_public_api.py [--write]
 
 ``CONTRACT`` holds the names users and outside checks rely on (``shared/API.md``): each must be
 in the snapshot and reachable as written there (``jq.checkpoint.save``).
@@ -47,10 +47,10 @@ SNAPSHOT: dict[str, tuple[str, ...]] = {
         "QDenseGeneral", "QEinsum", "QEmbed", "QuantMode", "QuantReport", "QuantRule", "RMSNorm",
         "StaticActivation", "Transformer", "TransformerConfig", "act_stats_init",
         "act_stats_update", "adjacent_to_half", "apply_rope", "attend", "calibrate_model",
-        "convert", "decode_step",
-        "generate", "half_to_adjacent", "infer_contracting_axes", "init_kv_cache", "kv_cache_bytes",
-        "match_rule", "param_bytes", "prefill", "quantize_params", "quantized_interceptor",
-        "sample", "serving_param_bytes", "serving_params_shape", "static_scale", "to_serving",
+        "convert", "decode_step", "generate", "half_to_adjacent", "infer_contracting_axes",
+        "init_kv_cache", "kv_cache_bytes", "match_rule", "param_bytes", "prefill",
+        "quantize_params", "quantized_interceptor", "sample", "serving_param_bytes",
+        "serving_params_shape", "static_scale", "to_serving",
     ),
     "jaxquant.ptq": (
         "ALGORITHMS", "AWQ", "GPTQ", "GPTQConfig", "InputStats", "PTQAlgorithm", "PTQOptions",
