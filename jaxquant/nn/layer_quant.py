@@ -27,9 +27,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxquant.core import QArray, QKind, QuantSpec, fake_quant, get_qtype, quantize
+from jaxquant.core import QArray, QKind, QuantSpec, fake_quant, gather_rows, get_qtype, quantize
 from jaxquant.core.dot_config import DotGeneralConfig
-from jaxquant.core.dot_general import dot_general, einsum, quantize_operand
+from jaxquant.core.dot_general import dot_general, einsum, operand_spec, quantize_operand
+
+SUPPORTED = "Dense, DenseGeneral, Einsum, Conv (linen); Linear, LinearGeneral, Einsum, Conv (NNX)"
+
+
+def unsupported_error(path: str, layer: str, rule) -> ValueError:
+    """The error for a layer that ``rule`` matches but that cannot be quantized."""
+    return ValueError(
+        f"{path or '<root>'}: rule {rule.pattern!r} matches this {layer}, which quantize_model "
+        f"cannot quantize (supported: {SUPPORTED}). Put QuantRule(r'^{path}$', None) "
+        "first in the rules to keep it float."
+    )
 
 
 class Op(enum.Enum):
@@ -38,6 +49,8 @@ class Op(enum.Enum):
     DOT = "dot_general"
     EINSUM = "einsum"
     CONV = "conv_general_dilated"
+    EMBED = "embed"  # a table lookup (rows dequantized) and ``attend`` (a dot_general)
+    ATTENTION = "attention"  # the q.k and attn.v einsums inside a multi-head attention
 
 
 def adapt_group(n: int, group_size: int) -> int:
@@ -60,6 +73,7 @@ class LayerPlan:
       contracting_axes: the kernel axes its product contracts.
       config: the layer's config; ``config.rhs.group_size`` is the group size used.
       requested_group_size: the rule's group size before adaptation (None: no groups).
+      weight_name: the name of the layer's weight param (``"kernel"``, ``"embedding"``).
     """
 
     path: str
@@ -69,6 +83,7 @@ class LayerPlan:
     contracting_axes: tuple[int, ...]
     config: DotGeneralConfig
     requested_group_size: int | None = None
+    weight_name: str = "kernel"
 
     @property
     def group_size(self) -> int | None:
@@ -338,3 +353,63 @@ class ConvOp:
         sw = jnp.reshape(q.scale, sw_shape)
         out_dtype = preferred_element_type or dtype
         return (acc.astype(jnp.float32) * sx * sw).astype(out_dtype)
+
+
+# --- embedding tables --------------------------------------------------------------------------
+#
+# A table ``[vocab, features]`` is quantized with a scale per row (and per group of features):
+# the spec ``attend`` uses for it as the rhs of ``query . table^T`` (contracting ``features``).
+# A lookup gathers the rows' codes and scales (``gather_rows``) and dequantizes only them; in
+# training the gathered float rows are fake-quantized with the same per-row spec, which is
+# exactly the rows of the fake-quantized table (a row's scale depends on that row only).
+
+
+def embed_plan(path: str, layer: str, num_embeddings: int, features: int, config) -> LayerPlan:
+    """The plan of an embedding table ``[num_embeddings, features]`` (groups tile features)."""
+    plan = make_plan(path, layer, Op.DOT, (num_embeddings, features), (1,), config)
+    return dataclasses.replace(plan, op=Op.EMBED, weight_name="embedding")
+
+
+def embed_lookup(plan: LayerPlan, table, idx, dtype) -> jax.Array:
+    """Rows ``idx`` of the table, ``[*idx.shape, features]`` in ``dtype``.
+
+    Args:
+      plan: the table's plan.
+      table: the float table (training: the rows are fake-quantized, straight-through gradient
+        to the table) or its served QArray.
+      idx: int indices.
+      dtype: the output dtype (None: the table's).
+    """
+    idx = jnp.asarray(idx)
+    if not jnp.issubdtype(idx.dtype, jnp.integer):
+        raise ValueError(f"{plan.path}: embedding input must be integers, got {idx.dtype}.")
+    if isinstance(table, QArray):
+        _check_served(plan, table)
+        return gather_rows(table, idx).dequantize(dtype or table.dtype)
+    rows = jnp.take(table, idx, axis=0)
+    if plan.config.rhs is not None:
+        rows = fake_quant(rows, operand_spec(plan.config.rhs, rows.ndim, (rows.ndim - 1,)))
+    return rows if dtype is None else rows.astype(dtype)
+
+
+def embed_attend(plan: LayerPlan, table, query, dtype) -> jax.Array:
+    """``query . table^T``: ``[..., features] -> [..., num_embeddings]``, quantized per the plan
+    (the query by the config's lhs, the table per row)."""
+    if isinstance(table, QArray):
+        _check_served(plan, table)
+        dtype = dtype or jnp.result_type(query.dtype, table.dtype)
+        table = dataclasses.replace(table, dtype=np.dtype(dtype))
+    else:
+        dtype = dtype or jnp.result_type(query.dtype, table.dtype)
+        table = jnp.asarray(table, dtype)
+    query = jnp.asarray(query, dtype)
+    dn = (((query.ndim - 1,), (1,)), ((), ()))
+    return dot_general(query, table, dn, config=plan.config)
+
+
+def _check_served(plan: LayerPlan, q: QArray) -> None:
+    if tuple(q.shape) != plan.kernel_shape:
+        raise ValueError(
+            f"{plan.path}: the served {plan.weight_name} has shape {tuple(q.shape)}, the layer "
+            f"expects {plan.kernel_shape}."
+        )

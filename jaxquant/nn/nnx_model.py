@@ -16,7 +16,6 @@ from flax import nnx
 
 from jaxquant.core import QArray
 from jaxquant.core.einsum_spec import parse_einsum
-from jaxquant.nn.any_model import unsupported_error, warn_unused_rules
 from jaxquant.nn.layer_quant import (
     ConvOp,
     DotOp,
@@ -25,8 +24,9 @@ from jaxquant.nn.layer_quant import (
     Op,
     make_plan,
     promote_keep_qarray,
+    unsupported_error,
 )
-from jaxquant.nn.rules import QuantRule, match_rule
+from jaxquant.nn.rules import QuantRule, match_rule, warn_unused_rules
 
 # NNX layer type -> (op, hook attribute, hook class attribute or None)
 _NNX_LAYERS = {

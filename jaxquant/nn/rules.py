@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -101,3 +102,35 @@ def module_path(module: nn.Module, child: str | None = None) -> str:
     """The ``'/'``-joined path of a bound module (plus ``child``), as the rules see it."""
     parts = tuple(module.path) + ((child,) if child else ())
     return "/".join(str(p) for p in parts)
+
+
+def check_rules(rules: QuantRule | Sequence[QuantRule]) -> tuple[QuantRule, ...]:
+    """``rules`` as a tuple (one rule is accepted as is).
+
+    Raises:
+      ValueError: for an element that is not a :class:`QuantRule`.
+    """
+    if isinstance(rules, QuantRule):
+        rules = (rules,)
+    rules = tuple(rules)
+    for r in rules:
+        if not isinstance(r, QuantRule):
+            raise ValueError(
+                f"rules must be QuantRule objects, got {type(r).__name__}: build them as "
+                "jq.QuantRule(pattern, config)."
+            )
+    return rules
+
+
+def warn_unused_rules(rules: Sequence[QuantRule], weight_paths) -> None:
+    """A ``UserWarning`` for rules that are the first match of no weight-holding layer (a typo
+    in a pattern, or a rule shadowed by an earlier one)."""
+    weight_paths = list(weight_paths)
+    used = {m[0] for p in weight_paths if (m := match_rule(rules, p)) is not None}
+    unused = [r.pattern for i, r in enumerate(rules) if i not in used]
+    if unused:
+        warnings.warn(
+            f"quantize_model: rules matched no layer: {unused}. Layer paths: "
+            f"{sorted(weight_paths)[:12]}.",
+            stacklevel=4,
+        )
