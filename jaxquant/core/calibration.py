@@ -78,10 +78,14 @@ def calibrate(x: jax.Array, spec: QuantSpec, layout: Layout) -> tuple[jax.Array,
 
     Returns:
       ``(lo, hi)``, each of ``layout.scale_shape``, float32. Symmetric specs give ``lo = -hi``
-      (except ``full_range`` ones, which keep the signed min and max).
+      (except ``full_range`` ones, which keep the signed min and max); ``absmean`` gives
+      ``hi = mean |x|``.
     """
     xg = to_grouped(x.astype(jnp.float32), layout)
     method = spec.calibration
+    if method == "absmean":  # symmetric only (QuantSpec checks)
+        hi = _reduce(jnp.mean, jnp.abs(xg), layout)
+        return -hi, hi
     if method == "percentile":
         p = float(spec.percentile)
         axes = _reduce_axes(layout)
@@ -138,6 +142,8 @@ def compute_scale(
     A scale too small for ``spec.scale_dtype`` (float16: below 6.1e-5, e.g. weights of
     magnitude 1e-9) is clamped to that dtype's smallest normal value instead of underflowing to
     0 (which gave NaN): the step is then that value, so such tiny values quantize to 0.
+    Formats without a zero code (``binary``) keep ``scale = 0`` for an all-zero range instead:
+    their codes are never 0, so only a zero scale dequantizes that group to zeros.
 
     Returns:
       ``(scale, zero_point)``; ``zero_point`` is None when symmetric.
@@ -153,6 +159,8 @@ def compute_scale(
     if spec.symmetric:
         amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
         scale = _fp16_round(amax / qt.max_value, spec)
+        if not qt.has_zero:
+            return jnp.where(scale > 0, _clamp_tiny(scale, dtype), 0.0).astype(dtype), None
         scale = _clamp_tiny(jnp.where(scale > 0, scale, 1.0), dtype)
         return scale.astype(dtype), None
     span = hi - lo
@@ -214,12 +222,15 @@ def quantize_codes(
       grouped: whether ``x`` is already in grouped view (the result then is too).
 
     Returns:
-      int8 codes (ints: clipped to the format's range; codebooks: indices 0..15), or float8
-      values for fp8, in the shape of ``x``.
+      int8 codes (ints: clipped to the format's range; ``binary``: the sign, ``+1`` for 0;
+      codebooks: indices 0..15), or float8 values for fp8, in the shape of ``x``.
     """
     qt = spec.qt
     xg = x if grouped else to_grouped(x, layout)
     s = expand_stat(scale, layout).astype(jnp.float32)
+    if not qt.has_zero:  # sign codes {-1, +1}; a zero scale (all-zero group) is allowed
+        q = _sign_codes(xg.astype(jnp.float32), s, spec.rounding, key)
+        return q if grouped else from_grouped(q, layout)
     v = xg.astype(jnp.float32) / s
     if qt.kind is QKind.INT:
         if zero_point is not None:
@@ -235,6 +246,15 @@ def quantize_codes(
         mids = (cb[1:] + cb[:-1]) / 2
         q = jnp.searchsorted(mids, jnp.clip(v, -1.0, 1.0), side="left").astype(jnp.int8)
     return q if grouped else from_grouped(q, layout)
+
+
+def _sign_codes(x: jax.Array, s: jax.Array, rounding: str, key) -> jax.Array:
+    """Sign codes of ``x / s``: nearest is ``sign(x)`` with 0 -> +1 (the scale is >= 0);
+    stochastic picks +1 with probability ``(clip(x / s, -1, 1) + 1) / 2`` (unbiased in range)."""
+    if rounding == "nearest":
+        return jnp.where(x * jnp.sign(s + (s == 0)) >= 0, 1, -1).astype(jnp.int8)
+    v = jnp.clip(jnp.where(s != 0, x / jnp.where(s != 0, s, 1.0), 0.0), -1.0, 1.0)
+    return (2 * round_values((v + 1) / 2, rounding, key) - 1).astype(jnp.int8)
 
 
 def dequantize_codes(

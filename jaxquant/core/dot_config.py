@@ -133,15 +133,16 @@ def weight_only(
     group_size: int | None = None,
     *,
     symmetric: bool = True,
-    calibration: str = "absmax",
+    calibration: str | None = None,
 ) -> DotGeneralConfig:
     """Quantized weights (rhs) times float activations; float backward.
 
     Args:
-      qtype: weight format (``"int8"``, ``"int4"``, ``"nf4"``, ...).
+      qtype: weight format (``"int8"``, ``"int4"``, ``"nf4"``, ``"ternary"``, ``"binary"``...).
       group_size: None for one scale per output column, else groups along the contraction.
       symmetric: False adds a zero point per column / group.
-      calibration: range calibration of the weights.
+      calibration: range calibration of the weights; None is the format's own (``"absmax"``,
+        or ``"absmean"`` for ternary and binary).
     """
     spec = QuantSpec(qtype=qtype, group_size=group_size, symmetric=symmetric, calibration=calibration)
     return DotGeneralConfig(rhs=spec)

@@ -94,4 +94,7 @@ def lsq_fake_quant(x: jax.Array, scale: jax.Array, spec: QuantSpec) -> jax.Array
     sg = calibration.expand_stat(s, layout)
     xg = calibration.to_grouped(x, layout)
     v = jnp.clip(xg / sg, -qt.qmax, qt.qmax)
-    return calibration.from_grouped(_round_ste(v) * sg, layout).astype(x.dtype)
+    # Sign codes (binary) have no 0: the forward is sign(v) (0 -> +1), the gradient v's.
+    code = _round_ste(v) if qt.has_zero else v + jax.lax.stop_gradient(
+        jnp.where(v >= 0, 1.0, -1.0) - v)
+    return calibration.from_grouped(code * sg, layout).astype(x.dtype)

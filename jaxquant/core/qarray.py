@@ -28,7 +28,8 @@ class QArray:
 
     Attributes:
       qvalue: the stored codes. int formats: ``int8``; fp8: float8; sub-byte formats (int2-int4,
-        nf4, fp4) are packed into ``uint8`` along ``pack_axis``, 2 or 4 codes per byte.
+        nf4, fp4, ternary, binary) are packed into ``uint8`` along ``pack_axis``: 2 (4-bit),
+        4 (int2, ternary) or 8 (binary) codes per byte.
       scale: float scales, shape ``scale_shape``.
       zero_point: float zero points of the same shape, or None when symmetric.
       qtype: the format's name (``"int4"``, ``"nf4"``, ...).

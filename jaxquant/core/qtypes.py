@@ -4,14 +4,21 @@ Three kinds of format:
 
 * ``int``: signed integers ``int2`` .. ``int8``, codes in ``[-2**(N-1), 2**(N-1) - 1]``.
   Symmetric quantization uses the symmetric range ``[-qmax, qmax]`` (``qmax = 2**(N-1) - 1``)
-  so that zero is exact and the grid is mirror-symmetric; asymmetric quantization uses the
-  full range with a zero point.
+  so that zero is exact and the grid is mirror-symmetric (or, with ``full_range``, every code);
+  asymmetric quantization uses the full range with a zero point. Two sub-2-bit int formats
+  have their own code sets and are symmetric only:
+
+  - ``ternary``: codes ``{-1, 0, +1}`` (BitNet b1.58), stored in 2 bits, four per byte;
+  - ``binary``: sign codes ``{-1, +1}`` (no zero), stored in 1 bit, eight per byte.
+
+  Both default to the ``absmean`` calibration: ``scale = mean |x|`` per group.
 * ``float``: ``fp8_e4m3`` and ``fp8_e5m2``, stored in the jnp float8 dtypes. The scale maps
   the calibrated range onto the format's largest finite value.
 * ``codebook``: ``nf4`` (the 16 normal quantiles of QLoRA) and ``fp4_e2m1``. Codes are
   unsigned 4-bit indices into a fixed table of values in ``[-1, 1]``.
 
-Sub-byte formats (``bits <= 4``) are packed: two 4-bit or four 2-bit codes per byte.
+Sub-byte formats (``bits <= 4``) are packed: two 4-bit, four 2-bit or eight 1-bit codes per
+byte.
 """
 
 from __future__ import annotations
@@ -84,6 +91,11 @@ class QType:
         the float8 dtype for fp8).
       max_value: largest finite magnitude of the code grid (``qmax`` for ints, the format's
         max for fp8, 1.0 for codebooks).
+      codes: for int formats with their own code set (``ternary``, ``binary``), the
+        ``(qmin, qmax)`` of the codes; None: the two's complement range of ``bits``.
+      has_zero: whether 0 is a code (False only for ``binary``, whose codes are ``{-1, +1}``).
+      default_calibration: the :class:`~jaxquant.core.spec.QuantSpec` calibration used when
+        none is given (``"absmean"`` for ternary and binary, ``"absmax"`` otherwise).
     """
 
     name: str
@@ -91,6 +103,9 @@ class QType:
     bits: int
     storage_dtype: object
     max_value: float
+    codes: tuple[int, int] | None = None
+    has_zero: bool = True
+    default_calibration: str = "absmax"
 
     @property
     def packed(self) -> bool:
@@ -102,7 +117,9 @@ class QType:
         """Bits each code occupies once packed (int3 rides in a 4-bit nibble)."""
         if not self.packed:
             return 8
-        return 2 if self.bits <= 2 else 4
+        if self.bits <= 2:
+            return self.bits
+        return 4
 
     @property
     def codes_per_byte(self) -> int:
@@ -110,17 +127,27 @@ class QType:
 
     @property
     def qmin(self) -> int:
-        """Smallest integer code (ints: ``-2**(N-1)``; codebooks: 0)."""
+        """Smallest integer code (ints: ``-2**(N-1)``, ternary/binary: -1; codebooks: 0)."""
+        if self.codes is not None:
+            return self.codes[0]
         if self.kind is QKind.INT:
             return -(2 ** (self.bits - 1))
         return 0
 
     @property
     def qmax(self) -> int:
-        """Largest integer code (ints: ``2**(N-1) - 1``; codebooks: 15)."""
+        """Largest integer code (ints: ``2**(N-1) - 1``, ternary/binary: 1; codebooks: 15)."""
+        if self.codes is not None:
+            return self.codes[1]
         if self.kind is QKind.INT:
             return 2 ** (self.bits - 1) - 1
         return 2**self.bits - 1
+
+    @property
+    def has_full_range(self) -> bool:
+        """Whether a symmetric grid can use one more negative code (``qmin < -qmax``): true for
+        ``int2`` .. ``int8``, false for ternary and binary (already mirror-symmetric)."""
+        return self.kind is QKind.INT and self.qmin < -self.qmax
 
     @property
     def codebook(self) -> np.ndarray | None:
@@ -135,6 +162,12 @@ def _build_registry() -> dict[str, QType]:
     reg = {}
     for n in range(2, 9):
         reg[f"int{n}"] = QType(f"int{n}", QKind.INT, n, jnp.int8, float(2 ** (n - 1) - 1))
+    # Sub-2-bit: symmetric only, scale = mean |x| per group by default (BitNet b1.58's absmean;
+    # for sign codes it is also the L2-optimal scale, argmin_s ||x - s sign(x)||).
+    reg["ternary"] = QType("ternary", QKind.INT, 2, jnp.int8, 1.0, codes=(-1, 1),
+                           default_calibration="absmean")
+    reg["binary"] = QType("binary", QKind.INT, 1, jnp.int8, 1.0, codes=(-1, 1), has_zero=False,
+                          default_calibration="absmean")
     reg["fp8_e4m3"] = QType(
         "fp8_e4m3", QKind.FLOAT, 8, jnp.float8_e4m3fn, float(jnp.finfo(jnp.float8_e4m3fn).max)
     )
@@ -155,6 +188,8 @@ _DTYPE_ALIASES = {
     np.dtype(jnp.float8_e4m3fn): "fp8_e4m3",
     np.dtype(jnp.float8_e5m2): "fp8_e5m2",
 }
+# No "int1" for binary: intN names the two's complement grid -2**(N-1)..2**(N-1)-1, and a sign
+# code {-1, +1} is not the 1-bit one ({-1, 0}).
 _NAME_ALIASES = {"e4m3": "fp8_e4m3", "e5m2": "fp8_e5m2", "fp8": "fp8_e4m3", "fp4": "fp4_e2m1"}
 
 

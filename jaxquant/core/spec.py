@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from jaxquant.core.qtypes import QKind, canonical_qtype, get_qtype
 from jaxquant.core.serialization import JsonConfig, as_tuple
 
-CALIBRATIONS = ("absmax", "minmax", "percentile", "mse")
+CALIBRATIONS = ("absmax", "minmax", "percentile", "mse", "absmean")
 ROUNDINGS = ("nearest", "stochastic")
 
 
@@ -25,13 +25,19 @@ class QuantSpec(JsonConfig):
     """How to quantize a tensor. Frozen; derive variants with ``dataclasses.replace``.
 
     Attributes:
-      qtype: ``"int2"`` .. ``"int8"``, ``"fp8_e4m3"``, ``"fp8_e5m2"``, ``"nf4"``, ``"fp4_e2m1"``,
-        or a jnp dtype (``jnp.int8``, ``jnp.int4``, ``jnp.float8_e4m3fn``...). Stored canonical.
+      qtype: ``"int2"`` .. ``"int8"``, ``"ternary"`` (codes ``{-1, 0, 1}``), ``"binary"``
+        (sign codes ``{-1, 1}``), ``"fp8_e4m3"``, ``"fp8_e5m2"``, ``"nf4"``,
+        ``"fp4_e2m1"``, or a jnp dtype (``jnp.int8``, ``jnp.int4``, ``jnp.float8_e4m3fn``...).
+        Stored canonical.
       channel_axes: axes that keep their own scale; every other axis is shared.
       group_size: ``None``, or tile ``group_axis`` into groups of this many elements.
       group_axis: the shared axis to tile; may be omitted when exactly one axis is shared.
       symmetric: ``False`` uses a zero point and the min/max range (int formats only).
-      calibration: ``"absmax"``, ``"minmax"``, ``"percentile"`` or ``"mse"`` (clip search).
+      calibration: ``"absmax"``, ``"minmax"``, ``"percentile"``, ``"mse"`` (clip search) or
+        ``"absmean"`` (the range is ``+-mean |x|``, so ``scale = mean |x| / qmax``: BitNet
+        b1.58's ternary scale, and the L2-optimal scale of sign codes; symmetric only). None
+        (the default) is the format's own: ``"absmean"`` for ternary and binary, ``"absmax"``
+        for every other format. Stored resolved, so ``QuantSpec().calibration == "absmax"``.
       percentile: for ``calibration="percentile"``, the percentile of ``|x|`` (or of x at both
         ends when asymmetric) taken as the range, in ``(50, 100]``.
       mse_grid: for ``calibration="mse"``, number of clip ratios tried.
@@ -42,6 +48,7 @@ class QuantSpec(JsonConfig):
         signed extreme of the range divided by ``qmin``, so the largest-magnitude element
         lands on ``qmin`` exactly (llama.cpp's Q4_0: ``d = max / -8``). The scale may then be
         negative. False (default): codes ``-qmax..qmax`` and ``scale = absmax / qmax``.
+        ``int2`` .. ``int8`` only (ternary and binary grids are already mirror-symmetric).
       fp16_scales: round the scale (and, when asymmetric, the range minimum that the zero
         point encodes) to float16 *before* the codes are chosen, as llama.cpp's Q4_0, Q4_1
         and Q8_0 blocks store them. Asymmetric: ``zero_point = qmin - f16(lo) / scale``.
@@ -59,7 +66,7 @@ class QuantSpec(JsonConfig):
     group_size: int | None = None
     group_axis: int | None = None
     symmetric: bool = True
-    calibration: str = "absmax"
+    calibration: str | None = None
     percentile: float = 99.99
     mse_grid: int = 20
     mse_min_ratio: float = 0.5
@@ -95,16 +102,18 @@ class QuantSpec(JsonConfig):
             raise ValueError("group_axis was given without group_size; set group_size too.")
         if not isinstance(self.symmetric, bool):
             raise ValueError(f"symmetric must be True or False, got {self.symmetric!r}.")
+        if self.calibration is None:
+            object.__setattr__(self, "calibration", qt.default_calibration)
         if self.calibration not in CALIBRATIONS:
             raise ValueError(
                 f"Unknown calibration {self.calibration!r}; use one of {CALIBRATIONS}."
             )
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"Unknown rounding {self.rounding!r}; use one of {ROUNDINGS}.")
-        if not self.symmetric and qt.kind is not QKind.INT:
+        if not self.symmetric and (qt.kind is not QKind.INT or qt.codes is not None):
             raise ValueError(
-                f"symmetric=False needs an int qtype; {self.qtype} is a {qt.kind} format with a "
-                "fixed zero. Use symmetric=True or an int qtype."
+                f"symmetric=False needs an int qtype int2..int8; {self.qtype} is a {qt.kind} "
+                "format with a fixed zero. Use symmetric=True or an int qtype."
             )
         if self.rounding == "stochastic" and qt.kind is not QKind.INT:
             raise ValueError(
@@ -121,10 +130,17 @@ class QuantSpec(JsonConfig):
                 f"full_range and fp16_scales must be True or False, got {self.full_range!r} "
                 f"and {self.fp16_scales!r}."
             )
-        if self.full_range and (qt.kind is not QKind.INT or not self.symmetric):
+        if self.full_range and (not qt.has_full_range or not self.symmetric):
             raise ValueError(
                 f"full_range=True is a symmetric int grid; got qtype={self.qtype}, "
-                f"symmetric={self.symmetric}. Use an int qtype with symmetric=True."
+                f"symmetric={self.symmetric}. Use an int qtype int2..int8 with symmetric=True "
+                "(ternary and binary grids are already mirror-symmetric)."
+            )
+        if self.calibration == "absmean" and (not self.symmetric or self.full_range):
+            raise ValueError(
+                "calibration='absmean' is a symmetric range (+-mean |x|); it can't be combined "
+                f"with symmetric={self.symmetric}, full_range={self.full_range}. Use "
+                "calibration='minmax' for a zero point, or 'absmax' for the full-range grid."
             )
         if self.scale_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(

@@ -1,7 +1,13 @@
 """`Recipe`: what a PTQ run does, and the command line's recipe strings.
 
-A recipe string is ``METHOD:QTYPE[:gSIZE][:asym]`` (``rtn:int4:g128``, ``gptq:int3:g128``,
-``awq:int4:g128``, ``rtn:int4:g32:asym``, ``rtn:int8``), a llama.cpp block grid in place of
+A recipe string is ``METHOD:QTYPE[:gSIZE][:asym|:full|:narrow][:mse]`` (``rtn:int4:g128``,
+``gptq:int3:g128``, ``awq:int4:g128``, ``rtn:int4:g32:asym``, ``rtn:int8``,
+``gptq:ternary:g64``, ``rtn:binary:g64``, ``rtn:int4:g128:narrow``). The grid of a symmetric
+``int2`` .. ``int8`` recipe is ``full`` (codes ``-2**(N-1) .. 2**(N-1) - 1``, llama.cpp's and
+Qwix's grid, scale ``= signed extreme / qmin``) or ``narrow`` (codes ``-qmax .. qmax``, scale
+``= absmax / qmax``); :data:`FULL_RANGE_DEFAULT` says which one a recipe without either token
+gets, and :attr:`Recipe.name` writes only the other one. Ternary and binary recipes have one
+grid and take their ``absmean`` scale. A llama.cpp block grid can stand in place of
 ``QTYPE:...`` (``gptq:q4_0``, ``rtn:q8_0``, ``awq:q4_1``: see :data:`GGUF_GRIDS`), or a method
 with a fixed format: ``fp32``, ``w8a8`` (dynamic int8 weights and activations) and
 ``smoothquant`` (SmoothQuant folding, then W8A8). Methods are the keys of
@@ -24,6 +30,12 @@ if TYPE_CHECKING:
     from jaxquant.ptq.options import PTQOptions
 
 METHODS = tuple(ALGORITHMS)
+
+# The grid a symmetric int2..int8 weight recipe gets when it names none (``:full`` / ``:narrow``).
+# Full range won RTN on SmolLM2-135M at int4 g128 and int3 g128
+# (experiments/results/full_range_grid.json). QuantSpec's own default stays narrow.
+FULL_RANGE_DEFAULT = False
+GRID_TOKENS = {"full": True, "narrow": False}
 
 # llama.cpp block formats a recipe can target exactly: the QuantSpec fields that put the weights
 # on the format's grid (blocks of 32 inputs, f16 scales chosen before the codes), so that
@@ -58,7 +70,12 @@ class Recipe:
       mse_clip: RTN with the MSE clip search.
       alpha: SmoothQuant's migration strength.
       grid: None, or a llama.cpp block grid of :data:`GGUF_GRIDS` (``"q4_0"``): it fixes
-        ``qtype``, ``group_size`` and ``symmetric``.
+        ``qtype``, ``group_size``, ``symmetric`` and ``full_range``.
+      full_range: the symmetric int grid (``int2`` .. ``int8``): True uses every code
+        ``qmin .. qmax`` (``QuantSpec.full_range``), False ``-qmax .. qmax``. None (the default)
+        resolves to :data:`FULL_RANGE_DEFAULT` for those recipes and to False for the others
+        (asymmetric, ternary, binary, float formats, fixed-format methods), where True is an
+        error.
     """
 
     method: str = "rtn"
@@ -68,6 +85,7 @@ class Recipe:
     mse_clip: bool = False
     alpha: float = 0.5
     grid: str | None = None
+    full_range: bool | None = None
 
     def __post_init__(self):
         if self.method not in ALGORITHMS:
@@ -80,15 +98,36 @@ class Recipe:
                 raise ValueError(f"{self.method} cannot target the {self.grid} grid; use one of "
                                  f"{', '.join(m for m in METHODS if not _fixed(m))}.")
             g = GGUF_GRIDS[self.grid]
+            if self.full_range is not None and self.full_range != g.get("full_range", False):
+                raise ValueError(f"the {self.grid} grid fixes full_range="
+                                 f"{g.get('full_range', False)}; leave full_range unset.")
             for k in ("qtype", "group_size", "symmetric"):
                 object.__setattr__(self, k, g[k])
+            object.__setattr__(self, "full_range", g.get("full_range", False))
         object.__setattr__(self, "qtype", canonical_qtype(self.qtype))
+        qt = get_qtype(self.qtype)
         if alg.activations and self.qtype != "int8":
             raise ValueError(f"{self.method} is int8 weights and activations; got {self.qtype}.")
         if self.group_size is not None and self.group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}.")
-        if alg.int_only and get_qtype(self.qtype).kind is not QKind.INT:
+        if alg.int_only and qt.kind is not QKind.INT:
             raise ValueError(f"{self.method} here supports int formats, got {self.qtype}.")
+        if not self.symmetric and qt.codes is not None:
+            raise ValueError(f"{self.qtype} is symmetric only (codes {qt.qmin}..{qt.qmax} times "
+                             "a scale); drop :asym.")
+        if self.grid is None:
+            gridded = (self.symmetric and qt.has_full_range and alg.quantizes
+                       and not alg.activations)
+            if self.full_range is None:
+                object.__setattr__(self, "full_range", gridded and FULL_RANGE_DEFAULT)
+            elif not isinstance(self.full_range, bool):
+                raise ValueError(f"full_range must be True, False or None, got "
+                                 f"{self.full_range!r}.")
+            elif self.full_range and not gridded:
+                raise ValueError(
+                    f"full_range (:full) is a grid of symmetric int2..int8 weight recipes; "
+                    f"{self.method} with {self.qtype}"
+                    f"{'' if self.symmetric else ' asym'} has none. Drop :full.")
 
     def algorithm(self, options: PTQOptions) -> PTQAlgorithm:
         """The registered algorithm of ``method``, set up with this recipe and ``options``."""
@@ -102,10 +141,13 @@ class Recipe:
             return None
         if alg.activations:
             return w8a8()
-        cal = "mse" if self.mse_clip else "absmax"
+        cal = "mse" if self.mse_clip else None  # None: the format's own (absmax, absmean)
         if self.grid is not None:
             return DotGeneralConfig(rhs=QuantSpec(calibration=cal, **GGUF_GRIDS[self.grid]))
-        return weight_only(self.qtype, self.group_size, symmetric=self.symmetric, calibration=cal)
+        cfg = weight_only(self.qtype, self.group_size, symmetric=self.symmetric, calibration=cal)
+        if self.full_range:
+            cfg = dataclasses.replace(cfg, rhs=dataclasses.replace(cfg.rhs, full_range=True))
+        return cfg
 
     @property
     def name(self) -> str:
@@ -118,6 +160,8 @@ class Recipe:
             parts.append(f"g{self.group_size}")
         if not self.symmetric:
             parts.append("asym")
+        elif get_qtype(self.qtype).has_full_range and self.full_range != FULL_RANGE_DEFAULT:
+            parts.append("full" if self.full_range else "narrow")
         if self.mse_clip:
             parts.append("mse")
         return ":".join(parts)
@@ -129,7 +173,7 @@ def parse_recipe(text: str) -> Recipe:
     Raises:
       ValueError: naming the part that is wrong and the accepted form.
     """
-    form = (f"METHOD:QTYPE[:gSIZE][:asym][:mse] with METHOD in "
+    form = (f"METHOD:QTYPE[:gSIZE][:asym|:full|:narrow][:mse] with METHOD in "
             f"{'|'.join(m for m in METHODS if not _fixed(m))}, "
             f"or {' | '.join(m for m in METHODS if _fixed(m))}")
     parts = [p for p in text.strip().lower().split(":") if p]
@@ -159,8 +203,13 @@ def parse_recipe(text: str) -> Recipe:
             kw["group_size"] = int(p[1:])
         elif p == "asym":
             kw["symmetric"] = False
+        elif p in GRID_TOKENS:
+            kw["full_range"] = GRID_TOKENS[p]
         elif p == "mse":
             kw["mse_clip"] = True
         else:
             raise ValueError(f"Unknown recipe option {p!r} in {text!r}; expected {form}.")
+    if "full_range" in kw and not kw.get("symmetric", True):
+        raise ValueError(f"{text!r}: :asym has a zero point and no symmetric grid; drop "
+                         f":{'full' if kw['full_range'] else 'narrow'}.")
     return Recipe(**kw)
