@@ -1,6 +1,6 @@
 """The ``jaxquant`` command line. Thin: it parses arguments and calls the library.
 
-Commands: ``demo`` (the main job), ``eval``, ``ptq``, ``generate``, ``bench``. Each takes
+Commands: ``demo`` (the main job), ``eval``, ``ptq``, ``finetune``, ``generate``, ``bench``. Each takes
 ``--json PATH``.
 """
 
@@ -135,6 +135,37 @@ def _cmd_ptq(args) -> int:
         print(f"saved {recipe.name} checkpoint to {args.out}")
     print(f"{recipe.name}: {result['bits_per_weight']:.2f} bits/weight, "
           f"{result['model_bytes'] / 1e6:.1f} MB, {result['quantize_seconds']:.1f} s")
+    _write_json(args.json, result)
+    return 0
+
+
+def _cmd_finetune(args) -> int:
+    from jaxquant.eval import finetune as ft
+    from jaxquant.models.registry import load
+
+    config = ft.FinetuneConfig(  # a bad method or setting fails before the model loads
+        method=ft.parse_method(args.method), steps=args.steps, batch_size=args.batch_size,
+        seq_len=args.seq_len, learning_rate=args.lr, warmup_steps=args.warmup,
+        weight_decay=args.weight_decay, checkpoint_every=args.checkpoint_every, seed=args.seed,
+        init=args.init, calib_windows=args.calib_windows, calib_len=args.calib_len,
+        calib_data=args.calib_data)
+    ft.check_out(args.out, resume=args.resume)
+    heldout = _heldout(args)
+    model = load(args.model)
+    result = ft.finetune(model, config, args.out, dataset=args.data, resume=args.resume,
+                         heldout=heldout, eval_seq_len=args.eval_seq_len,
+                         eval_max_tokens=args.max_tokens)
+    png = ft.write_plot(result, args.json)
+    held = result["heldout"]
+    print("\n| model | method | steps | tokens seen | final train loss | bits/weight "
+          "| size (MB) | perplexity " + "".join(f"| {n}:test " for n in held) + "|\n"
+          + "|---" * (8 + len(held)) + "|\n"
+          f"| {result['model']} | {result['method']} | {result['steps']} | "
+          f"{result['tokens_seen']} | {result['final_train_loss']:.4f} | "
+          f"{result['bits_per_weight']:.2f} | {result['model_bytes'] / 1e6:.1f} | "
+          f"{result['perplexity']:.3f} " + "".join(f"| {v:.3f} " for v in held.values()) + "|")
+    print(f"saved the serving checkpoint to {result['out']} (score it with `jaxquant eval "
+          f"--checkpoint {result['out']}`); loss curve: {png}")
     _write_json(args.json, result)
     return 0
 
@@ -290,6 +321,31 @@ def build_parser() -> argparse.ArgumentParser:
     ptq.add_argument("--out", help="checkpoint directory")
     ptq.add_argument("--force", action="store_true", help="replace an existing checkpoint")
     ptq.set_defaults(func=_cmd_ptq)
+
+    ft = sub.add_parser("finetune", help="fine-tune (float, QAT, (Q)LoRA) and save a serving "
+                                         "checkpoint that `eval --checkpoint` scores")
+    common(ft)
+    ft.add_argument("--method", required=True,
+                    help="float | qat:QTYPE[:gSIZE] (qat:int4:g128, qat:int2:g64) | qat:w8a8 "
+                         "| lora[:rRANK] | qlora[:rRANK]")
+    ft.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    ft.add_argument("--out", required=True, help="run directory: training checkpoints and the "
+                                                 "final serving checkpoint")
+    ft.add_argument("--resume", action="store_true",
+                    help="continue the run in --out from its latest checkpoint (bit for bit)")
+    ft.add_argument("--batch-size", type=int, default=8, help="windows per step")
+    ft.add_argument("--seq-len", type=int, default=256, help="tokens per training window")
+    ft.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW)")
+    ft.add_argument("--warmup", type=int, help="warmup steps (default min(100, steps/10))")
+    ft.add_argument("--weight-decay", type=float, default=0.0)
+    ft.add_argument("--checkpoint-every", type=int, default=100)
+    ft.add_argument("--init", choices=["rtn", "gptq"], default="rtn",
+                    help="qat: start from the float weights (rtn) or GPTQ's weights")
+    ft.add_argument("--max-tokens", type=int, help="score only this many test tokens")
+    ft.add_argument("--eval-seq-len", type=int, default=2048)
+    ft.add_argument("--heldout", default="none",
+                    help="held-out texts also scored (comma list, e.g. shakespeare,kjv; none)")
+    ft.set_defaults(func=_cmd_finetune)
 
     gen = sub.add_parser("generate", help="generate text with the KV cache")
     common(gen, data=False, calib=False)

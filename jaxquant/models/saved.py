@@ -15,6 +15,12 @@ The two are one atomic unit: :func:`save_quantized` writes both into a staging f
 ``DIR`` and swaps it in with two renames, so a killed save never pairs new params with an old
 sidecar. A crash between the two renames leaves the finished new folder under its staging name;
 :func:`load_quantized` recognises it, finishes the swap and uses it.
+
+``DIR`` may hold more than the serving pair: ``jaxquant finetune --out DIR`` keeps its training
+checkpoints (``DIR/train``), LoRA adapters and run record there. ``save_quantized(...,
+keep_others=True)`` carries every other entry of the existing ``DIR`` into the staging folder
+(hard links, a copy where the file system has none) before the sidecar completes it, so the
+swap replaces only the serving pair and a failed save leaves the old ``DIR`` untouched.
 """
 
 from __future__ import annotations
@@ -42,16 +48,25 @@ def save_quantized(
     info: dict,
     *,
     force: bool = False,
+    keep_others: bool = False,
 ) -> Path:
     """Writes ``params`` and the sidecar as one unit; the previous checkpoint survives a failed
-    save (see the module docstring). Raises FileExistsError when ``out`` exists and not ``force``
-    (call :func:`check_writable` before long work to fail early)."""
+    save (see the module docstring). Raises FileExistsError when ``out`` holds a checkpoint and
+    not ``force`` (call :func:`check_writable` before long work to fail early).
+
+    With ``keep_others``, the entries of an existing ``out`` other than ``params`` and the
+    sidecar (e.g. a fine-tuning run's ``train/`` checkpoints) are kept, and ``out`` need not be
+    a checkpoint yet."""
     out = Path(out).absolute()
     _recover(out)
-    check_writable(out, force=force)
+    check_writable(out, force=force, keep_others=keep_others)
     _remove_leftovers(out)
     staging = out.with_name(f"{out.name}{_NEW}{uuid.uuid4().hex[:8]}")
     checkpoint.save(staging / "params", params)
+    if keep_others and out.is_dir():
+        for entry in out.iterdir():
+            if entry.name not in _SERVING:
+                _link_tree(entry, staging / entry.name)
     sidecar = {
         "format": FORMAT,
         "recipe": info.get("recipe"),  # for reference; loading needs only transformer_config
@@ -67,19 +82,45 @@ def save_quantized(
 
 _NEW = ".jaxquant-new-"
 _OLD = ".jaxquant-old-"
+_SERVING = ("params", SIDECAR, SIDECAR + ".tmp")  # what a save replaces; the rest may be kept
 
 
-def check_writable(out: str | os.PathLike, *, force: bool = False) -> None:
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """``src`` (a file or folder) at ``dst`` by hard links: instant, and ``src`` is untouched."""
+    if src.is_dir() and not src.is_symlink():
+        shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(src, dst)
+
+
+def check_writable(out: str | os.PathLike, *, force: bool = False,
+                   keep_others: bool = False) -> None:
     """Raises unless :func:`save_quantized` may write ``out`` (cheap: run it before quantizing).
 
     Raises:
-      FileExistsError: ``out`` exists and ``force`` is False (the message names ``--force``).
+      FileExistsError: ``out`` exists and ``force`` is False (the message names ``--force``);
+        with ``keep_others``, only when ``out`` already holds a serving checkpoint.
       JaxquantError: ``out`` exists but is not a checkpoint of this module, so ``force`` would
-        delete someone's folder.
+        delete someone's folder (never with ``keep_others``: nothing of it is deleted).
     """
     out = Path(out).absolute()
     _recover(out)
     if not out.exists():
+        return
+    if keep_others:
+        if not out.is_dir():
+            raise JaxquantError(f"{out} exists and is a file, not a checkpoint folder; choose "
+                                "another --out.")
+        if (out / SIDECAR).is_file() and not force:
+            raise FileExistsError(f"{out} already holds a serving checkpoint. Pass --force to "
+                                  "replace it (force=True in Python), or choose another --out.")
         return
     if not force:
         raise FileExistsError(

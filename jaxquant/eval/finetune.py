@@ -1,0 +1,504 @@
+"""Fine-tuning workflows behind ``jaxquant finetune``: float, QAT and (Q)LoRA, resumable.
+
+A method string is parsed once into a frozen, validated method object, found by its first
+field in :data:`METHODS`:
+
+==================  ==========================================================================
+``float``           plain fine-tuning of every float param (the fair reference).
+``qat:QTYPE[:gN]``  quantization-aware training: the block projections' kernels are
+                    fake-quantized (RTN grid of ``QTYPE``, groups of ``N`` inputs, adapted per
+                    layer as PTQ does) in the forward, with a straight-through gradient;
+                    initialised from the float model (``init="rtn"``) or from GPTQ's
+                    dequantized weights (``init="gptq"``). Any qtype of ``jaxquant.core``.
+``qat:w8a8``        int8 weights and activations, with both backward products in int8 too
+                    (:func:`jaxquant.core.fully_quantized`, AQT style).
+``lora[:rN]``       float LoRA adapters of rank ``N`` on a frozen float base.
+``qlora[:rN]``      LoRA on a frozen NF4 base with double quantization.
+==================  ==========================================================================
+
+At the end the model becomes serving params (QAT: ``jaxquant.nn.convert``, packed codes; LoRA:
+the adapters merged into the base and re-quantized) saved with
+:func:`~jaxquant.models.saved.save_quantized` next to the training checkpoints, so
+``jaxquant eval --checkpoint DIR`` scores it by the same path as a PTQ checkpoint.
+
+Layout of ``DIR``::
+
+    DIR/train/<step>/    training checkpoints (params, optimizer state, step, loss history)
+    DIR/train/run.json   what run this is (checked by --resume)
+    DIR/params/          the serving params        } written as one unit by save_quantized;
+    DIR/jaxquant.json    the serving config/sidecar} the rest of DIR is kept
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import jax
+import numpy as np
+import optax
+
+from jaxquant.core import QArray
+from jaxquant.core.dot_config import fully_quantized
+from jaxquant.core.qtypes import QTYPES, canonical_qtype
+from jaxquant.errors import JaxquantError
+from jaxquant.eval import tasks
+from jaxquant.models.registry import LoadedModel
+from jaxquant.models.saved import save_quantized
+from jaxquant.nn.config import TransformerConfig
+from jaxquant.nn.modes import convert
+from jaxquant.nn.transformer import Transformer
+from jaxquant.ptq.pipeline import serving_config
+from jaxquant.ptq.recipe import Recipe
+from jaxquant.train.loop import LoopConfig, WindowBatches, has_checkpoint, train
+from jaxquant.train.step import TrainState, make_optimizer, make_train_step
+
+__all__ = ["METHODS", "FinetuneConfig", "FloatMethod", "QATMethod", "finetune",
+           "make_finetune_step", "parse_method", "plot_training_curve", "write_plot"]
+
+TRAIN_DIR = "train"
+INITS = ("rtn", "gptq")
+
+
+def _form() -> str:
+    return ("float | qat:QTYPE[:gSIZE] (e.g. qat:int4:g128, qat:int2:g64) | qat:w8a8 | "
+            "lora[:rRANK] | qlora[:rRANK]")
+
+
+# --- methods --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """What a method trains: ``Transformer(train_cfg)`` from float ``params``.
+
+    Attributes:
+      train_cfg: the config of the trained model (QAT: with the quantization rules).
+      params: the initial float params (a placeholder of the right shapes when resuming).
+      info: what the preparation did (init, its time), for the result JSON.
+    """
+
+    train_cfg: TransformerConfig
+    params: Any
+    info: dict
+
+
+class FinetuneMethod(abc.ABC):
+    """A fine-tuning method: how the model is set up, trained and turned into serving params."""
+
+    kind: ClassVar[str]
+
+    @classmethod
+    @abc.abstractmethod
+    def parse(cls, options: list[str], text: str) -> FinetuneMethod:
+        """From the ``:``-separated options after the method's name (``text`` for errors)."""
+
+    @property
+    @abc.abstractmethod
+    def name(self) -> str:
+        """The canonical method string (``parse_method(m.name) == m``)."""
+
+    def check(self, config: FinetuneConfig) -> None:
+        """Raises for settings this method does not take (e.g. ``init="gptq"`` on float)."""
+        if config.init != "rtn":
+            raise ValueError(f"--init {config.init} applies to weight-only qat methods, not "
+                             f"{self.name}; drop --init.")
+
+    @abc.abstractmethod
+    def prepare(self, model: LoadedModel, config: FinetuneConfig, *, resume: bool,
+                dataset: str, progress: bool) -> Prepared:
+        """The model to train and its initial params (cheap placeholders when ``resume``)."""
+
+    def to_serving(self, prepared: Prepared, params: Any) -> tuple[TransformerConfig, Any]:
+        """``(serve_cfg, serve_params)`` of the trained float ``params``."""
+        if not prepared.train_cfg.quant_rules:
+            return prepared.train_cfg, params
+        return prepared.train_cfg, convert(Transformer(prepared.train_cfg), params)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FloatMethod(FinetuneMethod):
+    """``float``: every param trained in float."""
+
+    kind: ClassVar[str] = "float"
+
+    @classmethod
+    def parse(cls, options, text):
+        if options:
+            raise ValueError(f"float takes no options; got {text!r}. Expected {_form()}.")
+        return cls()
+
+    @property
+    def name(self) -> str:
+        return "float"
+
+    def prepare(self, model, config, *, resume, dataset, progress):
+        return Prepared(model.cfg, model.params, {"init": "float"})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QATMethod(FinetuneMethod):
+    """``qat:QTYPE[:gSIZE]`` (weight-only fake quantization) or ``qat:w8a8`` (fwd + bwd int8).
+
+    Attributes:
+      qtype: weight format, any name of :data:`jaxquant.core.QTYPES` (int2..int8, nf4, ...).
+      group_size: None (a scale per output column) or the group size along the inputs.
+      w8a8: int8 weights and activations, backward products in int8 too (``qtype`` is int8,
+        no groups).
+    """
+
+    kind: ClassVar[str] = "qat"
+    qtype: str = "int8"
+    group_size: int | None = None
+    w8a8: bool = False
+
+    def __post_init__(self):
+        try:
+            object.__setattr__(self, "qtype", canonical_qtype(self.qtype))
+        except ValueError as e:
+            raise ValueError(f"qat: unknown qtype {self.qtype!r}; use one of "
+                             f"{', '.join(sorted(QTYPES))} (or w8a8).") from e
+        if self.group_size is not None and (isinstance(self.group_size, bool) or
+                                            not isinstance(self.group_size, int) or
+                                            self.group_size < 1):
+            raise ValueError(f"qat: group size must be an int >= 1 (e.g. g128), got "
+                             f"{self.group_size!r}.")
+        if self.w8a8 and (self.qtype != "int8" or self.group_size is not None):
+            raise ValueError("qat:w8a8 is per-channel int8 weights and per-token int8 "
+                             "activations; it takes no qtype or group size.")
+
+    @classmethod
+    def parse(cls, options, text):
+        if not options:
+            raise ValueError(f"{text!r} lacks a qtype; expected qat:QTYPE[:gSIZE] (e.g. "
+                             "qat:int4:g128) or qat:w8a8.")
+        if options[0] == "w8a8":
+            if len(options) > 1:
+                raise ValueError(f"qat:w8a8 takes no options; got {text!r}.")
+            return cls(w8a8=True)
+        group = None
+        for p in options[1:]:
+            if not (p.startswith("g") and p[1:].isdigit()) or group is not None:
+                raise ValueError(f"bad option {p!r} in {text!r}: expected one group size gSIZE "
+                                 "with SIZE >= 1 (e.g. qat:int4:g128).")
+            group = int(p[1:])
+        return cls(qtype=options[0], group_size=group)
+
+    @property
+    def name(self) -> str:
+        if self.w8a8:
+            return "qat:w8a8"
+        return ":".join(["qat", self.qtype] + ([f"g{self.group_size}"] if self.group_size else []))
+
+    @property
+    def recipe(self) -> Recipe:
+        """The PTQ recipe with the same weight grid (RTN of the float model = QAT at step 0)."""
+        if self.w8a8:
+            return Recipe(method="w8a8")
+        return Recipe(method="rtn", qtype=self.qtype, group_size=self.group_size)
+
+    def train_config(self, cfg: TransformerConfig) -> TransformerConfig:
+        """The QAT model's config: block projections quantized, embeddings and head float."""
+        if self.w8a8:
+            return cfg.with_quantization(fully_quantized(fwd="int8", bwd="int8"))
+        return serving_config(cfg, self.recipe)
+
+    def check(self, config):
+        if config.init == "gptq" and self.w8a8:
+            raise ValueError("--init gptq applies to weight-only qat methods, not qat:w8a8; "
+                             "drop --init.")
+
+    def prepare(self, model, config, *, resume, dataset, progress):
+        train_cfg = self.train_config(model.cfg)
+        if config.init == "rtn" or resume:  # resuming: the checkpoint overrides the params
+            return Prepared(train_cfg, model.params, {"init": config.init})
+        recipe = Recipe(method="gptq", qtype=self.qtype, group_size=self.group_size)
+        _, qparams, info = tasks.quantize(model, recipe, dataset=dataset,
+                                          calib_data=config.calib_data,
+                                          calib_windows=config.calib_windows,
+                                          calib_len=config.calib_len, seed=config.seed,
+                                          progress=progress)
+        params = jax.tree.map(
+            lambda x: x.dequantize(np.float32) if isinstance(x, QArray) else x, qparams,
+            is_leaf=lambda x: isinstance(x, QArray))
+        return Prepared(train_cfg, params, {"init": "gptq", "init_recipe": recipe.name, **info})
+
+
+class _Unavailable(FinetuneMethod):
+    """A method whose training code is not in this jaxquant yet: parses, then says so."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, text: str):
+        self._text = text
+
+    @classmethod
+    def parse(cls, options, text):
+        return cls(text)
+
+    @property
+    def name(self) -> str:
+        return self._text
+
+    def check(self, config):
+        raise JaxquantError(f"finetune --method {self._text}: (Q)LoRA training is not yet "
+                            "available in this jaxquant (jaxquant.train.lora is missing); use "
+                            "float or qat:*.")
+
+    def prepare(self, *args, **kwargs):  # pragma: no cover - check() refuses first
+        raise AssertionError
+
+
+class _LoRAUnavailable(_Unavailable):
+    kind = "lora"
+
+
+class _QLoRAUnavailable(_Unavailable):
+    kind = "qlora"
+
+
+# The method registry: the first field of the method string -> its class.
+METHODS: dict[str, type[FinetuneMethod]] = {
+    "float": FloatMethod,
+    "qat": QATMethod,
+    "lora": _LoRAUnavailable,
+    "qlora": _QLoRAUnavailable,
+}
+
+
+def parse_method(text: str) -> FinetuneMethod:
+    """``"qat:int4:g128"`` -> ``QATMethod(qtype="int4", group_size=128)`` and the like.
+
+    Raises:
+      ValueError: an unknown method or option, naming the accepted forms.
+
+    Example:
+      >>> parse_method("qat:int4:g128").name
+      'qat:int4:g128'
+    """
+    parts = [p for p in str(text).strip().lower().split(":")]
+    if not parts or not parts[0] or any(not p for p in parts):
+        raise ValueError(f"bad method {text!r}; expected {_form()}.")
+    cls = METHODS.get(parts[0])
+    if cls is None:
+        raise ValueError(f"unknown method {parts[0]!r} in {text!r}; expected {_form()}.")
+    return cls.parse(parts[1:], str(text).strip().lower())
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FinetuneConfig:
+    """A fine-tuning run's settings (all of them but ``checkpoint_every`` are part of the run's
+    identity: resuming with different ones is refused).
+
+    Attributes:
+      method: a :class:`FinetuneMethod` (:func:`parse_method`).
+      steps: optimizer steps.
+      batch_size: windows per step ``B``.
+      seq_len: tokens per window ``S`` (capped at the model's ``max_seq_len``).
+      learning_rate: AdamW's peak learning rate (warmup, then cosine decay to 10%).
+      warmup_steps: linear warmup; None: ``min(100, steps // 10)``.
+      weight_decay: AdamW's decoupled weight decay on matrices.
+      checkpoint_every: save a training checkpoint every this many steps.
+      seed: the batch sampler's (and calibration's) seed.
+      init: ``"rtn"`` (start from the float weights) or ``"gptq"`` (QAT from GPTQ's weights).
+      calib_windows: GPTQ calibration windows (``init="gptq"``).
+      calib_len: their length.
+      calib_data: GPTQ's calibration text (None: the training data set's train split).
+    """
+
+    method: FinetuneMethod
+    steps: int
+    batch_size: int = 8
+    seq_len: int = 256
+    learning_rate: float = 1e-4
+    warmup_steps: int | None = None
+    weight_decay: float = 0.0
+    checkpoint_every: int = 100
+    seed: int = 0
+    init: str = "rtn"
+    calib_windows: int = 32
+    calib_len: int = 512
+    calib_data: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.method, FinetuneMethod):
+            raise ValueError(f"method must be parsed with parse_method, got {self.method!r}.")
+        for name in ("steps", "batch_size", "seq_len", "checkpoint_every", "calib_windows",
+                     "calib_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be an int >= 1, got {v!r}.")
+        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
+            raise ValueError(f"--lr must be > 0, got {self.learning_rate!r}.")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay!r}.")
+        warm = self.warmup_steps
+        if warm is None:
+            object.__setattr__(self, "warmup_steps", min(100, self.steps // 10))
+        elif isinstance(warm, bool) or not isinstance(warm, int) or not 0 <= warm < self.steps:
+            raise ValueError(f"--warmup must be an int in [0, steps={self.steps}), got {warm!r}.")
+        if self.init not in INITS:
+            raise ValueError(f"--init must be one of {INITS}, got {self.init!r}.")
+        self.method.check(self)
+
+    def tag(self) -> dict:
+        """What identifies the run (checked on resume)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["method"] = self.method.name
+        d.pop("checkpoint_every")
+        return d
+
+    def optimizer(self) -> optax.GradientTransformation:
+        return make_optimizer(learning_rate=self.learning_rate, warmup_steps=self.warmup_steps,
+                              total_steps=self.steps, weight_decay=self.weight_decay)
+
+
+def make_finetune_step(model: Transformer, optimizer: optax.GradientTransformation):
+    """The jitted step ``(TrainState, tokens [B, S]) -> (TrainState, metrics)`` of the float and
+    QAT methods. A separate function so that sharding (``--mesh``) can wrap or replace it."""
+    return make_train_step(model, optimizer)
+
+
+def check_out(out: str | Path, *, resume: bool) -> Path:
+    """Refuses an ``--out`` that would mix runs, before any work. Returns it absolute."""
+    out = Path(out).absolute()
+    if out.exists() and not out.is_dir():
+        raise JaxquantError(f"--out {out} is a file; pass a directory for the run.")
+    if resume:
+        if not has_checkpoint(out / TRAIN_DIR):
+            raise JaxquantError(f"--resume: {out} holds no training checkpoint to resume "
+                                f"({out / TRAIN_DIR} is missing or empty); run without --resume "
+                                "to start the run.")
+    elif out.exists() and any(out.iterdir()):
+        raise JaxquantError(f"--out {out} already exists and is not empty; pass --resume to "
+                            "continue its run, or choose another --out (or delete it).")
+    return out
+
+
+def finetune(
+    model: LoadedModel,
+    config: FinetuneConfig,
+    out: str | Path,
+    *,
+    dataset: str = "ptb",
+    resume: bool = False,
+    heldout: tuple[str, ...] = (),
+    eval_seq_len: int = 2048,
+    eval_max_tokens: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tunes ``model`` on ``dataset``'s train split, saves and scores the serving model.
+
+    Args:
+      model: the float model (:func:`jaxquant.models.registry.load`).
+      config: :class:`FinetuneConfig`.
+      out: the run directory (see the module docstring for its layout).
+      dataset: a data set name or text file (train split for training, test for scoring).
+      resume: continue the run in ``out`` from its latest training checkpoint.
+      heldout: data sets also scored on their test split (e.g. ``tasks.HELDOUT``).
+      eval_seq_len: perplexity window (capped at the model's ``max_seq_len``).
+      eval_max_tokens: score only the first this many test tokens (None: all).
+      progress: progress bars.
+
+    Returns:
+      The result dict (``--json``): method, steps, tokens seen, final train loss, the loss
+      curve, perplexities, size, times and :func:`~jaxquant.eval.tasks.environment`.
+    """
+    t0 = time.perf_counter()
+    out = check_out(out, resume=resume)
+    method = config.method
+    seq_len = min(config.seq_len, model.cfg.max_seq_len)
+    stream = tasks.tokens_for(model, dataset, "train")
+    batches = WindowBatches(stream, config.batch_size, seq_len, config.seed)
+    prepared = method.prepare(model, config, resume=resume, dataset=dataset, progress=progress)
+    net = Transformer(prepared.train_cfg)
+    opt = config.optimizer()
+    state = TrainState(jax.numpy.zeros((), jax.numpy.int32), prepared.params,
+                       opt.init(prepared.params))
+    if resume:
+        state = jax.eval_shape(lambda: state)
+    tag = {"model": model.name, "data": dataset, **config.tag(), "seq_len": seq_len}
+    loop = LoopConfig(steps=config.steps, checkpoint_every=config.checkpoint_every,
+                      progress=progress, desc=f"finetune {method.name}")
+    run = train(make_finetune_step(net, opt), state, batches, loop, directory=out / TRAIN_DIR,
+                resume=resume, tag=tag)
+    serve_cfg, serve_params = method.to_serving(prepared, run.state.params)
+    losses = [float(v) for v in run.losses]
+    tail = max(1, config.steps // 10)
+    info = {"recipe": method.name, "model": model.name, "method": method.name,
+            "data": dataset, "steps": config.steps, "final_train_loss": losses[-1]}
+    save_quantized(out, serve_cfg, serve_params, info, force=True, keep_others=True)
+    score = tasks.evaluate_checkpoint(model, out, dataset=dataset, split="test",
+                                      heldout=heldout, seq_len=eval_seq_len,
+                                      max_tokens=eval_max_tokens, progress=progress)
+    return {
+        "model": model.name, "dataset": dataset, "method": method.name, "out": str(out),
+        "steps": config.steps, "batch_size": config.batch_size, "seq_len": seq_len,
+        "tokens_seen": config.steps * config.batch_size * seq_len,
+        "final_train_loss": losses[-1],
+        "final_train_loss_mean": float(np.mean(losses[-tail:])),
+        "final_train_loss_mean_steps": tail,
+        "loss_curve": losses,
+        "perplexity": score["perplexity"], "tokens_scored": score["tokens_scored"],
+        "eval_split": f"{dataset}:test", "heldout": score["heldout"],
+        "bits_per_weight": score["bits_per_weight"], "model_bytes": score["model_bytes"],
+        "config": {**config.tag(), "seq_len": seq_len,
+                   "checkpoint_every": config.checkpoint_every},
+        "prepare": prepared.info, "resumed_from": run.resumed_from,
+        "train_seconds": run.seconds, "wall_seconds": time.perf_counter() - t0,
+        "environment": tasks.environment(),
+    }
+
+
+def plot_training_curve(losses, path, *, title: str = "") -> Path:
+    """The loss per step (and its running mean) with the perplexity scale on the right; a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    losses = np.asarray(losses, np.float64)
+    steps = np.arange(1, losses.size + 1)
+    k = max(1, losses.size // 20)
+    smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(steps, losses, lw=0.8, alpha=0.4, label="train loss (per step)")
+    if k > 1:
+        ax.plot(steps[k - 1:], smooth, lw=1.6, label=f"running mean over {k} steps")
+    ax.set_xlabel("step")
+    ax.set_ylabel("next-token loss (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+    right = ax.twinx()
+    lo, hi = ax.get_ylim()
+    right.set_ylim(lo, hi)
+    ticks = ax.get_yticks()
+    ticks = ticks[(ticks >= lo) & (ticks <= hi)]
+    right.set_yticks(ticks)
+    right.set_yticklabels([f"{math.exp(t):.3g}" for t in ticks])
+    right.set_ylabel("train perplexity")
+    ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_plot(result: dict, json_path: str | Path | None) -> Path:
+    """Plots ``result``'s loss curve next to ``json_path`` (same name, ``.png``), or into the
+    run's ``out`` when there is no JSON; records the path in ``result["plot"]``."""
+    png = (Path(json_path).with_suffix(".png") if json_path
+           else Path(result["out"]) / "loss_curve.png")
+    plot_training_curve(result["loss_curve"], png,
+                        title=f"{result['model']} {result['method']} on {result['dataset']}")
+    result["plot"] = str(png)
+    return png
