@@ -23,7 +23,8 @@ def operand_specs(draw):
     return jq.QuantSpec(
         qtype=qtype,
         group_size=draw(st.none() | st.integers(1, 512)),
-        symmetric=draw(st.booleans()) if is_int else True,
+        # ternary and binary are symmetric-only ints (their own code sets)
+        symmetric=draw(st.booleans()) if is_int and QTYPES[qtype].codes is None else True,
         calibration=draw(st.sampled_from(["absmax", "minmax", "percentile", "mse"])),
         percentile=draw(st.floats(50.0, 100.0, exclude_min=True)),
         mse_grid=draw(st.integers(1, 64)),
