@@ -249,10 +249,11 @@ def quantize_codes(
 
 
 def _sign_codes(x: jax.Array, s: jax.Array, rounding: str, key) -> jax.Array:
-    """Sign codes of ``x / s``: nearest is ``sign(x)`` with 0 -> +1 (the scale is >= 0);
-    stochastic picks +1 with probability ``(clip(x / s, -1, 1) + 1) / 2`` (unbiased in range)."""
+    """Sign codes of ``x / s``: nearest is ``sign(x / s)`` with 0 -> +1 (``s = 0`` counts as
+    positive); stochastic picks +1 with probability ``(clip(x / s, -1, 1) + 1) / 2``, which is
+    unbiased inside the range."""
     if rounding == "nearest":
-        return jnp.where(x * jnp.sign(s + (s == 0)) >= 0, 1, -1).astype(jnp.int8)
+        return jnp.where(jnp.where(s < 0, -x, x) >= 0, 1, -1).astype(jnp.int8)
     v = jnp.clip(jnp.where(s != 0, x / jnp.where(s != 0, s, 1.0), 0.0), -1.0, 1.0)
     return (2 * round_values((v + 1) / 2, rounding, key) - 1).astype(jnp.int8)
 
