@@ -37,7 +37,9 @@ class QuantSpec(JsonConfig):
         ``"absmean"`` (the range is ``+-mean |x|``, so ``scale = mean |x| / qmax``: BitNet
         b1.58's ternary scale, and the L2-optimal scale of sign codes; symmetric only). None
         (the default) is the format's own: ``"absmean"`` for ternary and binary, ``"absmax"``
-        for every other format. Stored resolved, so ``QuantSpec().calibration == "absmax"``.
+        for every other format. Stored resolved, so ``QuantSpec().calibration == "absmax"``
+        (and ``dataclasses.replace(spec, qtype=...)`` keeps it: pass ``calibration=None`` too
+        to get the new format's own).
       percentile: for ``calibration="percentile"``, the percentile of ``|x|`` (or of x at both
         ends when asymmetric) taken as the range, in ``(50, 100]``.
       mse_grid: for ``calibration="mse"``, number of clip ratios tried.
