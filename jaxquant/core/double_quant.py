@@ -18,8 +18,9 @@ bytes) for plain block-wise nf4 with float32 scales.
 bitsandbytes does), so ``|x - C s| <= s * g(x / s) / 2`` with ``g`` the gap between the two
 grid values around ``x / s`` (nf4: at most ``1 - 0.696 = 0.304``). The 8-bit scale code is
 within half a step of ``s - m``: ``|s - s_hat| <= s2 / 2`` with
-``s2 = max |s - m| over its scale block / 127`` (clamping at 0 only moves ``s_hat`` closer to
-``s >= 0``). With ``|C| <= 1``::
+``s2 = max |s - m| over its scale block / 127`` (rounded up to 17 significant bits, which
+makes ``k * s2`` exact in float32 and the dequantized bits independent of XLA's fusion; clamping
+at 0 only moves ``s_hat`` closer to ``s >= 0``). With ``|C| <= 1``::
 
     |x - x_hat| <= |x - C s| + |C| |s - s_hat| <= s * g(x / s) / 2 + s2 / 2
 
@@ -44,6 +45,21 @@ from jaxquant.core.spec import QuantSpec
 __all__ = ["SCALE_QMAX", "DoubleQuantArray", "double_quantize", "quantize_scales"]
 
 SCALE_QMAX = 127  # the 8-bit scale codes use the symmetric range [-127, 127]
+_S2_DROP_BITS = 7  # s2 keeps 24 - 7 = 17 significant bits: k * s2 (|k| <= 127) is exact in f32
+
+
+def _round_up_significand(v: jax.Array) -> jax.Array:
+    """``v >= 0`` (finite float32) rounded up to 17 significant bits.
+
+    With ``|k| <= 127`` (7 bits) the product ``k * s2`` then fits float32's 24 bits exactly, so
+    ``mean + k * s2`` rounds once whether or not XLA fuses it into an fma: the dequantized
+    scales, hence the weights, are the same bits eagerly, under ``jit`` and in any fusion.
+    Rounding up keeps ``max |s - mean| / s2 <= 127``: no code is clipped.
+    """
+    u = jax.lax.bitcast_convert_type(v.astype(jnp.float32), jnp.uint32)
+    mask = jnp.uint32((1 << _S2_DROP_BITS) - 1)
+    u = (u + mask) & ~mask
+    return jax.lax.bitcast_convert_type(u, jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,8 +181,10 @@ def quantize_scales(
     """The second level: ``s`` (any shape) -> ``(codes int8 [s.shape], s2 f32 [m], mean f32 [])``.
 
     ``s`` is flattened row-major, centred on its mean and cut into ``m = ceil(size /
-    scale_block_size)`` blocks; each block gets ``s2 = max |s - mean| / 127`` and codes
-    ``round((s - mean) / s2)`` (0 for an all-equal block).
+    scale_block_size)`` blocks; each block gets ``s2 = max |s - mean| / 127`` (rounded up to 17
+    significant bits, so that dequantizing is exact-reproducible: see
+    :func:`_round_up_significand`) and codes ``round((s - mean) / s2)`` (0 for an all-equal
+    block).
     """
     _check_int("scale_block_size", scale_block_size)
     s = jnp.asarray(s, jnp.float32)
@@ -176,7 +194,7 @@ def quantize_scales(
     d = flat - mean
     m = -(-n // scale_block_size)
     d = jnp.pad(d, (0, m * scale_block_size - n)).reshape(m, scale_block_size)
-    s2 = jnp.max(jnp.abs(d), axis=1) / SCALE_QMAX
+    s2 = _round_up_significand(jnp.max(jnp.abs(d), axis=1) / SCALE_QMAX)
     safe = jnp.where(s2 > 0, s2, 1.0)
     k = jnp.clip(jnp.round(d / safe[:, None]), -SCALE_QMAX, SCALE_QMAX)
     k = jnp.where(s2[:, None] > 0, k, 0.0).astype(jnp.int8)
