@@ -23,9 +23,14 @@ Example (linen)::
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
+import warnings
 from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
+import jax
 
 from jaxquant.nn.layer_quant import LayerPlan
 from jaxquant.nn.linen_model import convert_linen, is_quantized_linen, quantize_linen
@@ -103,10 +108,130 @@ def report(qmodel) -> str:
     return "\n".join(p.describe() for p in layer_plans(qmodel).values())
 
 
+# --- saving: serving params + rules -----------------------------------------------------------
+
+SIDECAR = "quantize_model.json"
+_FORMAT = "jaxquant.quantize_model/1"
+
+
+def save_serving(
+    directory: str | os.PathLike, qmodel, variables: Mapping | None = None, *, force=False
+) -> pathlib.Path:
+    """Saves a quantized model's serving params and its rules.
+
+    ``directory/params`` is a :mod:`jaxquant.checkpoint` (packed QArrays as codes and scales);
+    ``directory/quantize_model.json`` holds the rules (``QuantRule.to_dict``) and each layer's
+    plan (shape, group size used), so :func:`restore_serving` rebuilds the served model from
+    the model's code alone.
+
+    Args:
+      directory: a new directory (or an existing one of this kind with ``force``).
+      qmodel: linen: a model from :func:`quantize_model`; NNX: it or its serving copy.
+      variables: linen: the variables (float ones are converted with :func:`to_serving`).
+        NNX: None.
+      force: replace what is at ``directory``.
+
+    Returns:
+      The directory written.
+    """
+    from jaxquant import checkpoint
+
+    directory = pathlib.Path(directory).absolute()
+    plans = layer_plans(qmodel)
+    if isinstance(qmodel, nn.Module):
+        api, rules = "linen", type(qmodel)._jaxquant_rules
+        tree = to_serving(qmodel, variables)
+    else:
+        from flax import nnx
+
+        from jaxquant.nn.nnx_model import QKernel, rules_of
+
+        api, rules = "nnx", rules_of(qmodel)
+        if variables is not None:
+            raise ValueError("save_serving(dir, qmodel): an NNX model holds its own params.")
+        served = qmodel if jax.tree.leaves(nnx.state(qmodel, QKernel)) else to_serving(qmodel)
+        tree = nnx.to_pure_dict(nnx.state(served, nnx.Not(nnx.RngState)))
+    if directory.exists() and not force:
+        raise FileExistsError(f"{directory} exists; pass force=True to replace it.")
+    directory.mkdir(parents=True, exist_ok=True)
+    checkpoint.save(directory / "params", tree, force=force)
+    meta = {
+        "format": _FORMAT,
+        "api": api,
+        "model": type(qmodel).__qualname__,
+        "rules": [r.to_dict() for r in rules],
+        "layers": {p: plan.to_dict() for p, plan in plans.items()},
+    }
+    tmp = directory / (SIDECAR + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.replace(directory / SIDECAR)
+    return directory
+
+
+def read_rules(directory: str | os.PathLike) -> tuple[QuantRule, ...]:
+    """The rules saved by :func:`save_serving` in ``directory``."""
+    return tuple(QuantRule.from_dict(r) for r in _read_meta(directory)["rules"])
+
+
+def restore_serving(directory: str | os.PathLike, model, *example_inputs, **example_kwargs):
+    """The served model saved by :func:`save_serving`, rebuilt on ``model`` (the float model as
+    its author wrote it; its weights are not used).
+
+    Returns:
+      linen: ``(qmodel, serving_variables)``: serve with ``qmodel.apply(serving_variables, x)``.
+      NNX: the serving module.
+
+    Raises:
+      ValueError: when the saved layers do not match what the rules give on ``model`` (another
+        model, or other example input shapes).
+    """
+    from jaxquant import checkpoint
+
+    meta = _read_meta(directory)
+    rules = tuple(QuantRule.from_dict(r) for r in meta["rules"])
+    with warnings.catch_warnings():  # an unused rule was reported when it was saved
+        warnings.simplefilter("ignore", UserWarning)
+        qmodel = quantize_model(model, rules, *example_inputs, **example_kwargs)
+    plans = {p: plan.to_dict() for p, plan in layer_plans(qmodel).items()}
+    saved = meta["layers"]
+    diff = sorted(p for p in {*plans, *saved} if plans.get(p) != saved.get(p))
+    if diff:
+        raise ValueError(
+            f"{directory}: the saved layers differ from what its rules give on this "
+            f"{type(model).__name__} (layers {diff[:4]}). Restore onto the model and "
+            "example input shapes it was saved from."
+        )
+    tree = checkpoint.restore(pathlib.Path(directory) / "params")
+    if isinstance(model, nn.Module):
+        return qmodel, tree
+    from flax import nnx
+
+    served = to_serving(qmodel)
+    state = nnx.state(served, nnx.Not(nnx.RngState))
+    nnx.replace_by_pure_dict(state, tree)
+    nnx.update(served, state)
+    return served
+
+
+def _read_meta(directory) -> dict:
+    path = pathlib.Path(directory) / SIDECAR
+    if not path.is_file():
+        raise ValueError(
+            f"{directory} has no {SIDECAR}: not a model saved by jaxquant.nn.any_model.save_serving."
+        )
+    meta = json.loads(path.read_text())
+    if meta.get("format") != _FORMAT:
+        raise ValueError(f"{path}: unknown format {meta.get('format')!r}; expected {_FORMAT!r}.")
+    return meta
+
+
 __all__ = [
     "is_quantized_linen",
     "layer_plans",
     "quantize_model",
+    "read_rules",
     "report",
+    "restore_serving",
+    "save_serving",
     "to_serving",
 ]

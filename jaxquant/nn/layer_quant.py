@@ -31,7 +31,10 @@ from jaxquant.core import QArray, QKind, QuantSpec, fake_quant, gather_rows, get
 from jaxquant.core.dot_config import DotGeneralConfig
 from jaxquant.core.dot_general import dot_general, einsum, operand_spec, quantize_operand
 
-SUPPORTED = "Dense, DenseGeneral, Einsum, Conv (linen); Linear, LinearGeneral, Einsum, Conv (NNX)"
+SUPPORTED = (
+    "Dense, DenseGeneral, Einsum, Conv, Embed, MultiHeadDotProductAttention (linen); Linear, "
+    "LinearGeneral, Einsum, Conv, Embed, MultiHeadAttention (NNX)"
+)
 
 
 def unsupported_error(path: str, layer: str, rule) -> ValueError:
@@ -41,6 +44,36 @@ def unsupported_error(path: str, layer: str, rule) -> ValueError:
         f"cannot quantize (supported: {SUPPORTED}). Put QuantRule(r'^{path}$', None) "
         "first in the rules to keep it float."
     )
+
+
+_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def expand_ellipsis(subscripts: str, lhs_ndim: int, rhs_ndim: int) -> str:
+    """``subscripts`` with ``...`` spelled out in letters it does not use.
+
+    ``"...qhd,...khd->...hqk"`` on rank-4 operands gives ``"Aqhd,Akhd->Ahqk"``; an operand
+    without ``...`` (a kernel: ``"...d,df->...f"``) is left as written.
+
+    Raises:
+      ValueError: when both operands have ``...`` over different numbers of axes (broadcasting
+        is not supported).
+    """
+    eq = subscripts.replace(" ", "")
+    if "..." not in eq:
+        return eq
+    ins, out = eq.split("->")
+    a, b = ins.split(",")
+    counts = {
+        n - len(t.replace("...", "")) for t, n in ((a, lhs_ndim), (b, rhs_ndim)) if "..." in t
+    }
+    if len(counts) != 1 or min(counts) < 0:
+        raise ValueError(
+            f"einsum {subscripts!r} on operands of rank {lhs_ndim} and {rhs_ndim}: '...' must "
+            "stand for the same number of axes in both (no broadcasting)."
+        )
+    fill = "".join([c for c in _LETTERS if c not in eq][: counts.pop()])
+    return ",".join(t.replace("...", fill) for t in (a, b)) + "->" + out.replace("...", fill)
 
 
 class Op(enum.Enum):
@@ -118,6 +151,18 @@ class LayerPlan:
         if self.op is Op.CONV:
             return quantize(kernel, self.weight_spec())
         return quantize_operand(kernel, self.config.rhs, self.contracting_axes)
+
+    def to_dict(self) -> dict:
+        """A JSON-safe summary (what a saved model is checked against on restore)."""
+        return {
+            "layer": self.layer,
+            "op": self.op.value,
+            "kernel_shape": list(self.kernel_shape),
+            "contracting_axes": list(self.contracting_axes),
+            "config": self.config.to_dict(),
+            "requested_group_size": self.requested_group_size,
+            "weight_name": self.weight_name,
+        }
 
     def describe(self) -> str:
         rhs = self.config.rhs
@@ -254,7 +299,7 @@ class EinsumOp:
         **unused,
     ):
         return einsum(
-            subscripts,
+            expand_ellipsis(subscripts, jnp.ndim(lhs), jnp.ndim(rhs)),
             lhs,
             rhs,
             config=self.plan.config,

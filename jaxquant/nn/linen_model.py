@@ -16,6 +16,8 @@ with :func:`layer_plans`. :func:`convert_linen` turns float variables into servi
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import threading
 import types
 from collections.abc import Mapping
@@ -23,6 +25,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from flax import traverse_util
 
 from jaxquant.core import QArray
@@ -35,10 +38,12 @@ from jaxquant.nn.layer_quant import (
     embed_attend,
     embed_lookup,
     embed_plan,
+    expand_ellipsis,
     make_plan,
     promote_keep_qarray,
     unsupported_error,
 )
+from jaxquant.nn.quant_attention import AttentionEinsum, attention_plan
 from jaxquant.nn.rules import QuantRule, match_rule, warn_unused_rules
 
 # linen layer type -> (op, hook field, hook class field); Einsum has no hook (run here).
@@ -48,7 +53,9 @@ _LINEN_LAYERS = {
     nn.Conv: (Op.CONV, "conv_general_dilated", "conv_general_dilated_cls"),
     nn.Einsum: (Op.EINSUM, None, None),
     nn.Embed: (Op.EMBED, None, None),
+    nn.MultiHeadDotProductAttention: (Op.ATTENTION, None, None),
 }
+_ATTENTION_HOOKS = ("qk_attn_weights_einsum_cls", "attn_weights_value_einsum_cls")
 _WEIGHT_NAMES = ("kernel", "embedding")
 # Methods of Module that enter a model from the outside (the interceptor wraps them too).
 _ENTRY_POINTS = ("apply", "init", "init_with_output")
@@ -89,6 +96,8 @@ def convert_linen(qmodel: nn.Module, variables: Mapping) -> dict:
         raise ValueError("to_serving(qmodel, variables) takes the variables dict, {'params': ...}.")
     flat = traverse_util.flatten_dict(_as_dict(variables["params"]))
     for path, plan in plans.items():
+        if plan.op is Op.ATTENTION:  # no weight
+            continue
         key = (*(p for p in path.split("/") if p), plan.weight_name)
         if key not in flat:
             raise ValueError(f"{path}: no {plan.weight_name} at params/{'/'.join(key)} to convert.")
@@ -199,8 +208,11 @@ def _layer_kind(mod):
 
 
 def _einsum_str(mod: nn.Einsum, args, kwargs) -> str:
+    """The call's equation (its argument, else the module's), ``...`` spelled out."""
     eq = kwargs.get("einsum_str", args[1] if len(args) > 1 else None)
-    return (eq if eq is not None else mod.einsum_str).replace(" ", "")
+    eq = eq if eq is not None else mod.einsum_str
+    x = args[0] if args else kwargs["inputs"]
+    return expand_ellipsis(eq, jnp.ndim(x), len(mod.shape))
 
 
 def _path(mod: nn.Module, prefix: tuple = ()) -> str | None:
@@ -230,6 +242,7 @@ def _patched(mod, attrs: Mapping[str, Any]):
 def _plan_linen(model, rules, args, kwargs) -> dict[str, LayerPlan]:
     seen: dict[str, str] = {}  # path -> layer class name, for every module called
     plans: dict[str, LayerPlan] = {}
+    attentions: set[str] = set()  # attention layers (a rule may name them: no weights)
 
     def record(next_fun, fargs, fkwargs, ctx):
         mod = ctx.module
@@ -238,6 +251,8 @@ def _plan_linen(model, rules, args, kwargs) -> dict[str, LayerPlan]:
         path = _path(mod)
         seen.setdefault(path, type(mod).__name__)
         cls, kind = _layer_kind(mod)
+        if kind is not None and kind[0] is Op.ATTENTION:
+            attentions.add(path)
         m = match_rule(rules, path)
         if cls is None or m is None or m[1].config is None:
             return next_fun(*fargs, **fkwargs)
@@ -248,6 +263,12 @@ def _plan_linen(model, rules, args, kwargs) -> dict[str, LayerPlan]:
             return next_fun(*fargs, **fkwargs)
         if ctx.method_name != "__call__":
             return next_fun(*fargs, **fkwargs)
+        if op is Op.ATTENTION:
+            plan = attention_plan(path, name, config)
+            if plan is not None:
+                _check_attention(mod, path)
+                plans[path] = plan
+            return next_fun(*fargs, **fkwargs)
         if op is Op.EINSUM:
             eq = _einsum_str(mod, fargs, fkwargs)
             axes = parse_einsum(eq).rhs_contracting
@@ -255,6 +276,8 @@ def _plan_linen(model, rules, args, kwargs) -> dict[str, LayerPlan]:
             return next_fun(*fargs, **fkwargs)
         if getattr(mod, "mask", None) is not None:
             raise unsupported_error(path, f"{name} with a mask", m[1])
+        if getattr(mod, hook, None) is not None or getattr(mod, hook_cls, None) is not None:
+            raise _own_hook_error(path, name, hook)
 
         def recorder(lhs, rhs, *a, **k):
             if op is Op.CONV:
@@ -280,8 +303,15 @@ def _plan_linen(model, rules, args, kwargs) -> dict[str, LayerPlan]:
         m = match_rule(rules, path)
         if m is not None and m[1].config is not None and path not in plans:
             raise unsupported_error(path, seen.get(path, "module"), m[1])
-    warn_unused_rules(rules, owners)
+    warn_unused_rules(rules, {*owners, *plans, *attentions})
     return plans
+
+
+def _own_hook_error(path: str, layer: str, hook: str) -> ValueError:
+    return ValueError(
+        f"{path or '<root>'}: this {layer} sets its own {hook}, which quantize_model would "
+        f"replace. Drop it, or put QuantRule(r'^{path}$', None) first to leave the layer as is."
+    )
 
 
 def _as_dict(tree):
@@ -315,6 +345,10 @@ class _Interceptor:
             return _linen_embed(mod, plan, next_fun, args, kwargs, ctx.method_name)
         if ctx.method_name != "__call__":
             return next_fun(*args, **kwargs)
+        if op is Op.ATTENTION:
+            hooks = {h: functools.partial(AttentionEinsum, plan) for h in _ATTENTION_HOOKS}
+            with _patched(mod, hooks):
+                return next_fun(*args, **kwargs)
         stored = (
             mod.get_variable("params", "kernel") if mod.has_variable("params", "kernel") else None
         )
@@ -328,6 +362,24 @@ class _Interceptor:
             attrs["promote_dtype"] = promote_keep_qarray
         with _patched(mod, attrs):
             return next_fun(*args, **kwargs)
+
+
+def _check_attention(mod: nn.MultiHeadDotProductAttention, path: str) -> None:
+    """Raises naming ``path`` when the attention products cannot be given quantized einsums."""
+    params = inspect.signature(mod.attention_fn).parameters
+    if not all(k in params for k in ("qk_attn_weights_einsum", "attn_weights_value_einsum")):
+        raise ValueError(
+            f"{path}: the rule quantizes activations, but this {type(mod).__name__}'s "
+            "attention_fn takes no qk_attn_weights_einsum / attn_weights_value_einsum, so its "
+            "products cannot be quantized. Use Flax's dot_product_attention, or a rule "
+            f"QuantRule(r'^{path}$', None) first to keep them float."
+        )
+    if mod.precision is not None or any(getattr(mod, h) is not None for h in _ATTENTION_HOOKS):
+        raise ValueError(
+            f"{path}: the rule quantizes the attention products, but this "
+            f"{type(mod).__name__} sets precision or its own einsums for them. Drop them, or "
+            f"put QuantRule(r'^{path}$', None) first to keep the products float."
+        )
 
 
 def _linen_embed(mod: nn.Embed, plan: LayerPlan, next_fun, args, kwargs, method: str):
@@ -373,8 +425,6 @@ def _linen_einsum(mod: nn.Einsum, plan: LayerPlan, served: QArray | None, args, 
 
     x = args[0]
     eq = _einsum_str(mod, args, kwargs)
-    if "..." in eq:
-        raise ValueError(f"{plan.path}: an nn.Einsum equation with '...' is not supported yet.")
     kernel = served
     if kernel is None:
         kernel = mod.param("kernel", mod.kernel_init, mod.shape, mod.param_dtype)

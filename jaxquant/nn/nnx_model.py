@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxquant.core import QArray
@@ -22,10 +24,15 @@ from jaxquant.nn.layer_quant import (
     EinsumOp,
     LayerPlan,
     Op,
+    embed_attend,
+    embed_lookup,
+    embed_plan,
+    expand_ellipsis,
     make_plan,
     promote_keep_qarray,
     unsupported_error,
 )
+from jaxquant.nn.quant_attention import NnxAttentionFn, attention_plan
 from jaxquant.nn.rules import QuantRule, match_rule, warn_unused_rules
 
 # NNX layer type -> (op, hook attribute, hook class attribute or None)
@@ -36,6 +43,8 @@ _NNX_LAYERS = {
     nnx.Conv: (Op.CONV, "conv_general_dilated", None),
 }
 _HOOKS = (DotOp, EinsumOp, ConvOp)
+# What a layer's hook is when its author did not set one (else quantize_model would replace it).
+_DEFAULT_HOOKS = (None, jax.lax.dot_general, jax.lax.conv_general_dilated, jnp.einsum)
 
 
 class QKernel(nnx.Variable):
@@ -47,6 +56,37 @@ class QKernel(nnx.Variable):
         if key is Ellipsis and isinstance(value, QArray):
             return value
         return super().__getitem__(key)
+
+
+class QuantEmbed(nnx.Embed):
+    """An ``nnx.Embed`` with a quantized table (``quantize_model`` sets it on the copy): the
+    lookup gathers the rows' codes and dequantizes only them, ``attend`` is a quantized
+    ``dot_general``. In training the table is a float ``nnx.Param`` (rows fake-quantized,
+    straight-through); served it is a packed QArray in a :class:`QKernel`. ``jq_plan`` is the
+    table's :class:`~jaxquant.nn.layer_quant.LayerPlan`."""
+
+    def __call__(self, inputs, out_sharding=None):
+        _no_sharding(self, out_sharding)
+        return embed_lookup(self.jq_plan, self.embedding[...], inputs, self.dtype)
+
+    def attend(self, query, out_sharding=None):
+        _no_sharding(self, out_sharding)
+        return embed_attend(self.jq_plan, self.embedding[...], query, self.dtype)
+
+
+def _no_sharding(node, out_sharding) -> None:
+    if out_sharding is not None:
+        raise ValueError(
+            f"{node.jq_plan.path}: out_sharding is not supported by the quantized embedding; "
+            "shard its inputs instead."
+        )
+
+
+def _own_hook_error(path: str, layer: str, hook: str) -> ValueError:
+    return ValueError(
+        f"{path or '<root>'}: this {layer} sets its own {hook}, which quantize_model would "
+        f"replace. Drop it, or put QuantRule(r'^{path}$', None) first to leave the layer as is."
+    )
 
 
 def _kind(node):
@@ -73,7 +113,7 @@ class _Recorder:
     def __call__(self, *args, **kwargs):
         if self.op is Op.EINSUM:
             eq, lhs, rhs = args[:3]
-            axes = parse_einsum(eq.replace(" ", "")).rhs_contracting
+            axes = parse_einsum(expand_ellipsis(eq, lhs.ndim, rhs.ndim)).rhs_contracting
             self.plans[self.path] = make_plan(
                 self.path, self.layer, self.op, rhs.shape, axes, self.config
             )
@@ -103,8 +143,28 @@ def quantize_nnx(model: nnx.Module, rules: tuple[QuantRule, ...], *args, **kwarg
         path = _path(keys)
         if any(isinstance(getattr(node, n, None), nnx.Param) for n in ("kernel", "embedding")):
             weight_paths.append(path)
+        if isinstance(node, nnx.MultiHeadAttention):  # a rule may name it (no weights)
+            weight_paths.append(path)
         m = match_rule(rules, path)
         if m is None or m[1].config is None:
+            continue
+        config, name = m[1].config, type(node).__name__
+        if isinstance(node, nnx.Embed):
+            plans[path] = embed_plan(path, name, node.num_embeddings, node.features, config)
+            object.__setattr__(node, "__class__", QuantEmbed)
+            node.jq_plan = plans[path]
+            continue
+        if isinstance(node, nnx.MultiHeadAttention):
+            plan = attention_plan(path, name, config)
+            if plan is not None:
+                if node.attention_fn is not nnx.dot_product_attention:
+                    raise ValueError(
+                        f"{path}: the rule quantizes activations, but this {name} has its own "
+                        "attention_fn, whose products cannot be quantized. Use "
+                        f"nnx.dot_product_attention, or put QuantRule(r'^{path}$', None) first."
+                    )
+                node.attention_fn = NnxAttentionFn(plan)
+                plans[path] = plan
             continue
         kind = _kind(node)
         if kind is None:
@@ -114,11 +174,16 @@ def quantize_nnx(model: nnx.Module, rules: tuple[QuantRule, ...], *args, **kwarg
         if getattr(node, "mask", None) is not None:
             raise unsupported_error(path, f"{type(node).__name__} with a mask", m[1])
         op, hook, hook_cls = kind
+        current = getattr(node, hook, None)
+        own_cls = hook_cls is not None and getattr(node, hook_cls, None) is not None
+        if own_cls or not any(current is h for h in _DEFAULT_HOOKS):
+            raise _own_hook_error(path, name, hook)
         setattr(node, hook, _Recorder(path, type(node).__name__, op, m[1].config, plans))
         if hook_cls is not None:
             setattr(node, hook_cls, None)
         hooked.append((path, node, op, hook))
-    warn_unused_rules(rules, weight_paths)
+    q.jaxquant_rules = QuantRules(rules)
+    warn_unused_rules(rules, {*weight_paths, *plans})
     # One abstract forward finds each layer's kernel shape and contracting axes.
     nnx.eval_shape(lambda mod: mod(*args, **kwargs), q)
     for path, node, op, hook in hooked:
@@ -133,10 +198,35 @@ def quantize_nnx(model: nnx.Module, rules: tuple[QuantRule, ...], *args, **kwarg
     return q
 
 
+@dataclasses.dataclass(frozen=True)
+class QuantRules:
+    """The rules a quantized NNX model was made with (static data on its root module)."""
+
+    rules: tuple[QuantRule, ...]
+
+
+def rules_of(qmodel: nnx.Module) -> tuple[QuantRule, ...]:
+    """The rules of a model from :func:`quantize_nnx` (or its serving copy)."""
+    held = getattr(qmodel, "jaxquant_rules", None)
+    if not isinstance(held, QuantRules):
+        raise ValueError(
+            f"{type(qmodel).__name__} is not a model from jq.quantize_model; quantize it first."
+        )
+    return held.rules
+
+
 def layer_plans(qmodel: nnx.Module) -> dict[str, LayerPlan]:
     """``{module path: LayerPlan}`` of a model from :func:`quantize_nnx` (group sizes used)."""
     out = {}
     for keys, node in nnx.iter_graph(qmodel):
+        if isinstance(node, QuantEmbed):
+            out[_path(keys)] = node.jq_plan
+            continue
+        if isinstance(node, nnx.MultiHeadAttention) and isinstance(
+            node.attention_fn, NnxAttentionFn
+        ):
+            out[_path(keys)] = node.attention_fn.plan
+            continue
         kind = _kind(node) if isinstance(node, nnx.Module) else None
         if kind is None:
             continue
@@ -164,9 +254,13 @@ def to_serving_nnx(qmodel: nnx.Module) -> nnx.Module:
         path = _path(keys)
         if path not in plans or not isinstance(node, nnx.Module):
             continue
-        kernel = node.kernel
-        if isinstance(kernel, QKernel):
+        plan = plans[path]
+        if plan.op is Op.ATTENTION:  # no weight
             continue
-        node.kernel = QKernel(plans[path].quantize_kernel(kernel.get_value()))
-        node.promote_dtype = promote_keep_qarray
+        weight = getattr(node, plan.weight_name)
+        if isinstance(weight, QKernel):
+            continue
+        setattr(node, plan.weight_name, QKernel(plan.quantize_kernel(weight.get_value())))
+        if plan.op is not Op.EMBED:
+            node.promote_dtype = promote_keep_qarray
     return s

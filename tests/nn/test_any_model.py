@@ -404,19 +404,19 @@ def test_a_rule_that_matches_no_layer_warns():
 
 
 def test_nnx_errors_name_the_module_path():
-    class WithEmbed(nnx.Module):
+    class WithConvT(nnx.Module):
         def __init__(self, rngs):
-            self.embed = nnx.Embed(50, 16, rngs=rngs)
-            self.proj = nnx.Linear(16, 8, rngs=rngs)
+            self.up = nnx.ConvTranspose(4, 4, kernel_size=(3, 3), rngs=rngs)
+            self.proj = nnx.Linear(4, 8, rngs=rngs)
 
-        def __call__(self, t):
-            return self.proj(self.embed(t))
+        def __call__(self, x):
+            return self.proj(self.up(x))
 
-    m = WithEmbed(nnx.Rngs(0))
-    t = jnp.zeros((2, 3), jnp.int32)
-    with pytest.raises(ValueError, match=r"embed: rule '\.\*' matches this Embed"):
+    m = WithConvT(nnx.Rngs(0))
+    t = jnp.zeros((1, 5, 5, 4))
+    with pytest.raises(ValueError, match=r"up: rule '\.\*' matches this ConvTranspose"):
         jq.quantize_model(m, [jq.QuantRule(".*", jq.w8a8())], t)
-    q = jq.quantize_model(m, [jq.QuantRule("^embed$", None), jq.QuantRule(".*", jq.w8a8())], t)
+    q = jq.quantize_model(m, [jq.QuantRule("^up$", None), jq.QuantRule(".*", jq.w8a8())], t)
     assert set(layer_plans(q)) == {"proj"}
     cnn, x = _nnx("cnn")
     with pytest.raises(ValueError, match=r"out: .*group_size=32"):
