@@ -52,7 +52,7 @@ from flax import traverse_util
 
 from jaxquant.checkpoint import restore as _restore
 from jaxquant.checkpoint import save as _save
-from jaxquant.core import QArray, get_qtype
+from jaxquant.core import QArray, QuantSpec, check_finite, get_qtype, quantize
 from jaxquant.core.double_quant import DoubleQuantArray, double_quantize
 from jaxquant.errors import JaxquantError
 from jaxquant.nn.config import TransformerConfig
@@ -198,6 +198,23 @@ def _flatten_frozen(params):
     )
 
 
+# One compile per kernel shape, not one per op (op-by-op dispatch dominates on CPU).
+_double_quantize = jax.jit(
+    double_quantize, static_argnames=("qtype", "block_size", "axis", "scale_block_size")
+)
+
+
+@functools.partial(jax.jit, static_argnames=("qtype", "block_size"))
+def _block_quantize(w, qtype, block_size):
+    spec = QuantSpec(qtype=qtype, channel_axes=(1,), group_size=block_size, group_axis=0)
+    return quantize(w, spec)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _dequantize(q, dtype):
+    return q.dequantize(dtype)
+
+
 def quantize_base(params: PyTree, lora: LoRAConfig) -> PyTree:
     """The frozen base: ``params`` with every kernel matching ``lora.base_targets`` quantized.
 
@@ -236,17 +253,14 @@ def quantize_base(params: PyTree, lora: LoRAConfig) -> PyTree:
                 f"{w.shape[0]}; choose a LoRAConfig.block_size that divides it."
             )
         hit = True
+        check_finite(w, f"{path}/kernel")
         if lora.double_quant:
-            new[key] = double_quantize(
+            new[key] = _double_quantize(
                 w, lora.base, block_size=lora.block_size, axis=0,
                 scale_block_size=lora.scale_block_size,
             )
         else:
-            from jaxquant.core import QuantSpec, quantize
-
-            spec = QuantSpec(qtype=lora.base, channel_axes=(1,), group_size=lora.block_size,
-                             group_axis=0)
-            new[key] = quantize(w, spec)
+            new[key] = _block_quantize(w, lora.base, lora.block_size)
     if not hit:
         raise ValueError(
             f"LoRAConfig.base_targets {lora.base_targets!r} matched no kernel; kernels are at "
@@ -257,8 +271,9 @@ def quantize_base(params: PyTree, lora: LoRAConfig) -> PyTree:
 
 def dequantize_base(base: PyTree, dtype=jnp.float32) -> PyTree:
     """``base`` with every quantized kernel dequantized (the float model QLoRA trains on top of)."""
+    dtype = np.dtype(dtype)
     return jax.tree.map(
-        lambda x: x.dequantize(dtype) if isinstance(x, (QArray, DoubleQuantArray)) else x,
+        lambda x: _dequantize(x, dtype) if isinstance(x, (QArray, DoubleQuantArray)) else x,
         base,
         is_leaf=lambda x: isinstance(x, (QArray, DoubleQuantArray)),
     )
@@ -513,18 +528,24 @@ def merge_adapters(
     missing = sorted(set(table) - set(kernels))
     if missing:
         raise ValueError(f"merge_adapters: adapters at {missing[:4]} have no kernel in base.")
+    dtype = np.dtype(dtype)
     out = {}
     for key, leaf in flat.items():
         if isinstance(leaf, (QArray, DoubleQuantArray)):
-            leaf = leaf.dequantize(dtype)
+            leaf = _dequantize(leaf, dtype)
         out[key] = leaf
     for path, (a, b) in table.items():
         key = kernels[path]
-        w = jnp.asarray(out[key], dtype)
-        delta = jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32),
-                        precision=jax.lax.Precision.HIGHEST)
-        out[key] = (w.astype(jnp.float32) + lora.scaling * delta).astype(dtype)
+        out[key] = _merge_one(out[key], a, b, lora.scaling, dtype)
     return traverse_util.unflatten_dict(out)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _merge_one(w, a, b, scaling, dtype):
+    """``w + scaling * a @ b`` in float32 (the product at full precision), cast to ``dtype``."""
+    delta = jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST)
+    return (jnp.asarray(w, jnp.float32) + scaling * delta).astype(dtype)
 
 
 def save_adapters(
