@@ -148,7 +148,7 @@ def _cmd_finetune(args) -> int:
         seq_len=args.seq_len, learning_rate=args.lr, warmup_steps=args.warmup,
         weight_decay=args.weight_decay, checkpoint_every=args.checkpoint_every, seed=args.seed,
         init=args.init, calib_windows=args.calib_windows, calib_len=args.calib_len,
-        calib_data=args.calib_data)
+        calib_data=args.calib_data, requant=args.requant)
     ft.check_out(args.out, resume=args.resume)
     heldout = _heldout(args)
     model = load(args.model)
@@ -341,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--checkpoint-every", type=int, default=100)
     ft.add_argument("--init", choices=["rtn", "gptq"], default="rtn",
                     help="qat: start from the float weights (rtn) or GPTQ's weights")
+    ft.add_argument("--requant", help="lora/qlora: PTQ of the merged model for serving: rtn "
+                                      "(rtn:nf4:g64, the qlora default) | gptq (gptq:int4:g64) "
+                                      "| a recipe such as gptq:int4:g128 (lora default: float)")
     ft.add_argument("--max-tokens", type=int, help="score only this many test tokens")
     ft.add_argument("--eval-seq-len", type=int, default=2048)
     ft.add_argument("--heldout", default="none",

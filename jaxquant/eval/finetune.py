@@ -23,8 +23,10 @@ the adapters merged into the base and re-quantized) saved with
 
 Layout of ``DIR``::
 
-    DIR/train/<step>/    training checkpoints (params, optimizer state, step, loss history)
+    DIR/train/<step>/    training checkpoints (params, optimizer state, step, loss history;
+                         (Q)LoRA: the adapters and their optimizer state)
     DIR/train/run.json   what run this is (checked by --resume)
+    DIR/adapters/        (Q)LoRA: the trained adapters alone (train.lora.load_adapters)
     DIR/params/          the serving params        } written as one unit by save_quantized;
     DIR/jaxquant.json    the serving config/sidecar} the rest of DIR is kept
 """
@@ -33,12 +35,14 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import math
 import time
 from pathlib import Path
 from typing import Any, ClassVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -53,14 +57,16 @@ from jaxquant.nn.config import TransformerConfig
 from jaxquant.nn.modes import convert
 from jaxquant.nn.transformer import Transformer
 from jaxquant.ptq.pipeline import serving_config
-from jaxquant.ptq.recipe import Recipe
+from jaxquant.ptq.recipe import Recipe, parse_recipe
 from jaxquant.train.loop import LoopConfig, WindowBatches, has_checkpoint, train
 from jaxquant.train.step import TrainState, make_optimizer, make_train_step
 
-__all__ = ["METHODS", "FinetuneConfig", "FloatMethod", "QATMethod", "finetune",
+__all__ = ["METHODS", "FinetuneConfig", "FloatMethod", "LoRAMethod", "QATMethod", "QLoRAMethod",
+           "finetune",
            "make_finetune_step", "parse_method", "plot_training_curve", "write_plot"]
 
 TRAIN_DIR = "train"
+ADAPTERS_DIR = "adapters"
 INITS = ("rtn", "gptq")
 
 
@@ -85,6 +91,7 @@ class Prepared:
     train_cfg: TransformerConfig
     params: Any
     info: dict
+    extra: Any = None  # method-specific (LoRA: the frozen base and the LoRAConfig)
 
 
 class FinetuneMethod(abc.ABC):
@@ -107,17 +114,40 @@ class FinetuneMethod(abc.ABC):
         if config.init != "rtn":
             raise ValueError(f"--init {config.init} applies to weight-only qat methods, not "
                              f"{self.name}; drop --init.")
+        if config.requant is not None:
+            raise ValueError(f"--requant applies to lora / qlora (re-quantizing the merged "
+                             f"model), not {self.name}; drop --requant.")
 
     @abc.abstractmethod
     def prepare(self, model: LoadedModel, config: FinetuneConfig, *, resume: bool,
                 dataset: str, progress: bool) -> Prepared:
         """The model to train and its initial params (cheap placeholders when ``resume``)."""
 
-    def to_serving(self, prepared: Prepared, params: Any) -> tuple[TransformerConfig, Any]:
-        """``(serve_cfg, serve_params)`` of the trained float ``params``."""
+    def init_state(self, prepared: Prepared, optimizer: optax.GradientTransformation):
+        """The initial training state (a :class:`~jaxquant.train.TrainState`)."""
+        return TrainState(jnp.zeros((), jnp.int32), prepared.params,
+                          optimizer.init(prepared.params))
+
+    def make_step(self, prepared: Prepared, optimizer: optax.GradientTransformation,
+                  config: FinetuneConfig):
+        """The training step ``(state, tokens) -> (state, metrics)``: one compiled step per
+        model config and optimizer settings in a process (a resumed or repeated run reuses
+        it); ``optimizer`` is ``config.optimizer()``."""
+        del optimizer  # rebuilt from its (hashable) settings inside the cache
+        return _cached_step(prepared.train_cfg, config.optimizer_settings())
+
+    def save_extra(self, out: Path, prepared: Prepared, state) -> dict:
+        """Writes what the method keeps besides the serving model (LoRA: the adapters)."""
+        return {}
+
+    def to_serving(self, prepared: Prepared, state, *, model: LoadedModel,
+                   config: FinetuneConfig, dataset: str, progress: bool
+                   ) -> tuple[TransformerConfig, Any, dict]:
+        """``(serve_cfg, serve_params, info)`` of the trained state (QAT: ``convert``)."""
+        params = state.params
         if not prepared.train_cfg.quant_rules:
-            return prepared.train_cfg, params
-        return prepared.train_cfg, convert(Transformer(prepared.train_cfg), params)
+            return prepared.train_cfg, params, {}
+        return prepared.train_cfg, convert(Transformer(prepared.train_cfg), params), {}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -211,6 +241,9 @@ class QATMethod(FinetuneMethod):
         if config.init == "gptq" and self.w8a8:
             raise ValueError("--init gptq applies to weight-only qat methods, not qat:w8a8; "
                              "drop --init.")
+        if config.requant is not None:
+            raise ValueError(f"--requant applies to lora / qlora, not {self.name} (QAT serves "
+                             "its own trained grid); drop --requant.")
 
     def prepare(self, model, config, *, resume, dataset, progress):
         train_cfg = self.train_config(model.cfg)
@@ -228,45 +261,132 @@ class QATMethod(FinetuneMethod):
         return Prepared(train_cfg, params, {"init": "gptq", "init_recipe": recipe.name, **info})
 
 
-class _Unavailable(FinetuneMethod):
-    """A method whose training code is not in this jaxquant yet: parses, then says so."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRAMethod(FinetuneMethod):
+    """``lora[:rRANK]``: LoRA adapters on the seven block projections of a frozen float base
+    (:mod:`jaxquant.train.lora`); only the adapters are trained. The serving model is the
+    merged float model, or, with ``--requant RECIPE``, its PTQ (e.g. ``gptq:int4:g128``).
 
-    kind: ClassVar[str]
+    Attributes:
+      rank: the adapters' rank ``r`` (alpha 16, no dropout: :class:`LoRAConfig`'s defaults).
+    """
 
-    def __init__(self, text: str):
-        self._text = text
+    kind: ClassVar[str] = "lora"
+    base_qtype: ClassVar[str | None] = None
+    default_requant: ClassVar[str | None] = None
+    rank: int = 16
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"{self.kind}: rank must be an int >= 1 (e.g. {self.kind}:r16), "
+                             f"got {self.rank!r}.")
 
     @classmethod
     def parse(cls, options, text):
-        return cls(text)
+        if len(options) > 1 or (options and not (options[0].startswith("r")
+                                                 and options[0][1:].isdigit())):
+            raise ValueError(f"bad options in {text!r}: expected {cls.kind}[:rRANK] with "
+                             f"RANK >= 1 (e.g. {cls.kind}:r16).")
+        return cls(rank=int(options[0][1:])) if options else cls()
 
     @property
     def name(self) -> str:
-        return self._text
+        return f"{self.kind}:r{self.rank}"
+
+    @property
+    def lora(self):
+        from jaxquant.train.lora import LoRAConfig
+
+        return LoRAConfig(rank=self.rank, base=self.base_qtype)
+
+    def requant_recipe(self, config: FinetuneConfig) -> Recipe | None:
+        """The PTQ recipe of the merged model (None: serve it float)."""
+        text = config.requant or self.default_requant
+        if text is None:
+            return None
+        if text in ("rtn", "gptq"):  # the frozen base's blocks
+            if self.base_qtype is None:
+                raise ValueError(f"--requant {text} on {self.name} needs a grid: pass a recipe "
+                                 f"such as --requant {text}:int4:g128.")
+            # RTN: the base's own NF4 grid; GPTQ works on int grids: int4, same blocks.
+            qtype = self.base_qtype if text == "rtn" else "int4"
+            text = f"{text}:{qtype}:g{self.lora.block_size}"
+        return parse_recipe(text)
 
     def check(self, config):
-        raise JaxquantError(f"finetune --method {self._text}: (Q)LoRA training is not yet "
-                            "available in this jaxquant (jaxquant.train.lora is missing); use "
-                            "float or qat:*.")
+        if config.init != "rtn":
+            raise ValueError(f"--init {config.init} applies to qat methods, not {self.name}; "
+                             "drop --init.")
+        recipe = self.requant_recipe(config)
+        if recipe is not None and recipe.dot_config is None:
+            raise ValueError(f"--requant {config.requant}: not a quantizing recipe; omit "
+                             "--requant to serve the merged model float.")
 
-    def prepare(self, *args, **kwargs):  # pragma: no cover - check() refuses first
-        raise AssertionError
+    def prepare(self, model, config, *, resume, dataset, progress):
+        from jaxquant.train.lora import base_memory, init_lora
+
+        t0 = time.perf_counter()
+        lora = self.lora
+        # One compiled function instead of many small eager ops (much faster on CPU).
+        base, adapters = jax.jit(lambda p, k: init_lora(p, lora, k))(
+            model.params, jax.random.key(config.seed))
+        info = {"lora": lora.to_dict(), "base_memory": base_memory(base),
+                "adapter_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(adapters))),
+                "prepare_seconds": time.perf_counter() - t0}
+        return Prepared(model.cfg, adapters, info, extra=base)
+
+    def init_state(self, prepared, optimizer):
+        from jaxquant.train.lora import init_lora_state
+
+        return init_lora_state(prepared.params, optimizer)
+
+    def make_step(self, prepared, optimizer, config):
+        from jaxquant.train.lora import make_lora_train_step
+
+        return make_lora_train_step(prepared.train_cfg, prepared.extra, optimizer, self.lora,
+                                    seed=config.seed)
+
+    def save_extra(self, out, prepared, state):
+        from jaxquant.train.lora import save_adapters
+
+        path = save_adapters(out / ADAPTERS_DIR, state.adapters, self.lora, force=True)
+        return {"adapters": str(path)}
+
+    def to_serving(self, prepared, state, *, model, config, dataset, progress):
+        from jaxquant.train.lora import merge_adapters
+
+        lora = self.lora
+        merged = jax.jit(lambda b, a: merge_adapters(b, a, lora))(prepared.extra, state.adapters)
+        recipe = self.requant_recipe(config)
+        if recipe is None:
+            return prepared.train_cfg, merged, {"requant": None}
+        merged_model = LoadedModel(model.name, model.cfg, merged, model.tokenizer)
+        cfg, params, info = tasks.quantize(merged_model, recipe, dataset=dataset,
+                                           calib_data=config.calib_data,
+                                           calib_windows=config.calib_windows,
+                                           calib_len=config.calib_len, seed=config.seed,
+                                           progress=progress)
+        return cfg, params, {"requant": recipe.name, **info}
 
 
-class _LoRAUnavailable(_Unavailable):
-    kind = "lora"
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QLoRAMethod(LoRAMethod):
+    """``qlora[:rRANK]``: LoRA on a frozen NF4 base (blocks of 64) with double quantization
+    (8-bit block scales in blocks of 256); served as the merged model re-quantized by RTN to the
+    base's grid (``rtn:nf4:g64``), or with ``--requant gptq`` by GPTQ at ``int4:g64`` (GPTQ
+    needs an int grid: same bits and blocks), or by any recipe (``--requant gptq:int4:g128``)."""
 
-
-class _QLoRAUnavailable(_Unavailable):
-    kind = "qlora"
+    kind: ClassVar[str] = "qlora"
+    base_qtype: ClassVar[str | None] = "nf4"
+    default_requant: ClassVar[str | None] = "rtn"
 
 
 # The method registry: the first field of the method string -> its class.
 METHODS: dict[str, type[FinetuneMethod]] = {
     "float": FloatMethod,
     "qat": QATMethod,
-    "lora": _LoRAUnavailable,
-    "qlora": _QLoRAUnavailable,
+    "lora": LoRAMethod,
+    "qlora": QLoRAMethod,
 }
 
 
@@ -311,6 +431,9 @@ class FinetuneConfig:
       calib_windows: GPTQ calibration windows (``init="gptq"``).
       calib_len: their length.
       calib_data: GPTQ's calibration text (None: the training data set's train split).
+      requant: (Q)LoRA: the PTQ recipe of the merged model (``rtn`` / ``gptq``: on the frozen
+        base's grid; or a recipe such as ``gptq:int4:g128``); None: the method's default
+        (qlora: ``rtn``, lora: float).
     """
 
     method: FinetuneMethod
@@ -326,6 +449,7 @@ class FinetuneConfig:
     calib_windows: int = 32
     calib_len: int = 512
     calib_data: str | None = None
+    requant: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.method, FinetuneMethod):
@@ -344,6 +468,8 @@ class FinetuneConfig:
             object.__setattr__(self, "warmup_steps", min(100, self.steps // 10))
         elif isinstance(warm, bool) or not isinstance(warm, int) or not 0 <= warm < self.steps:
             raise ValueError(f"--warmup must be an int in [0, steps={self.steps}), got {warm!r}.")
+        if self.requant is not None and not isinstance(self.requant, str):
+            raise ValueError(f"--requant must be a recipe string, got {self.requant!r}.")
         if self.init not in INITS:
             raise ValueError(f"--init must be one of {INITS}, got {self.init!r}.")
         self.method.check(self)
@@ -353,17 +479,29 @@ class FinetuneConfig:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["method"] = self.method.name
         d.pop("checkpoint_every")
+        d.pop("requant")  # applied after training
         return d
 
+    def optimizer_settings(self) -> tuple[tuple[str, Any], ...]:
+        """The keyword arguments of :func:`~jaxquant.train.make_optimizer` (hashable)."""
+        return (("learning_rate", float(self.learning_rate)),
+                ("warmup_steps", self.warmup_steps), ("total_steps", self.steps),
+                ("weight_decay", float(self.weight_decay)))
+
     def optimizer(self) -> optax.GradientTransformation:
-        return make_optimizer(learning_rate=self.learning_rate, warmup_steps=self.warmup_steps,
-                              total_steps=self.steps, weight_decay=self.weight_decay)
+        """AdamW with warmup and cosine decay (:func:`~jaxquant.train.make_optimizer`)."""
+        return make_optimizer(**dict(self.optimizer_settings()))
 
 
 def make_finetune_step(model: Transformer, optimizer: optax.GradientTransformation):
     """The jitted step ``(TrainState, tokens [B, S]) -> (TrainState, metrics)`` of the float and
     QAT methods. A separate function so that sharding (``--mesh``) can wrap or replace it."""
     return make_train_step(model, optimizer)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_step(train_cfg: TransformerConfig, optimizer_settings: tuple):
+    return make_finetune_step(Transformer(train_cfg), make_optimizer(**dict(optimizer_settings)))
 
 
 def check_out(out: str | Path, *, resume: bool) -> Path:
@@ -418,21 +556,22 @@ def finetune(
     stream = tasks.tokens_for(model, dataset, "train")
     batches = WindowBatches(stream, config.batch_size, seq_len, config.seed)
     prepared = method.prepare(model, config, resume=resume, dataset=dataset, progress=progress)
-    net = Transformer(prepared.train_cfg)
     opt = config.optimizer()
-    state = TrainState(jax.numpy.zeros((), jax.numpy.int32), prepared.params,
-                       opt.init(prepared.params))
-    if resume:
+    state = method.init_state(prepared, opt)
+    if resume:  # the restore target: shapes only
         state = jax.eval_shape(lambda: state)
     tag = {"model": model.name, "data": dataset, **config.tag(), "seq_len": seq_len}
     loop = LoopConfig(steps=config.steps, checkpoint_every=config.checkpoint_every,
                       progress=progress, desc=f"finetune {method.name}")
-    run = train(make_finetune_step(net, opt), state, batches, loop, directory=out / TRAIN_DIR,
-                resume=resume, tag=tag)
-    serve_cfg, serve_params = method.to_serving(prepared, run.state.params)
+    run = train(method.make_step(prepared, opt, config), state, batches, loop,
+                directory=out / TRAIN_DIR, resume=resume, tag=tag)
+    saved_extra = method.save_extra(out, prepared, run.state)
+    serve_cfg, serve_params, serve_info = method.to_serving(
+        prepared, run.state, model=model, config=config, dataset=dataset, progress=progress)
     losses = [float(v) for v in run.losses]
     tail = max(1, config.steps // 10)
-    info = {"recipe": method.name, "model": model.name, "method": method.name,
+    recipe = method.name + (f" -> {serve_info['requant']}" if serve_info.get("requant") else "")
+    info = {"recipe": recipe, "model": model.name, "method": method.name,
             "data": dataset, "steps": config.steps, "final_train_loss": losses[-1]}
     save_quantized(out, serve_cfg, serve_params, info, force=True, keep_others=True)
     score = tasks.evaluate_checkpoint(model, out, dataset=dataset, split="test",
@@ -449,9 +588,10 @@ def finetune(
         "perplexity": score["perplexity"], "tokens_scored": score["tokens_scored"],
         "eval_split": f"{dataset}:test", "heldout": score["heldout"],
         "bits_per_weight": score["bits_per_weight"], "model_bytes": score["model_bytes"],
-        "config": {**config.tag(), "seq_len": seq_len,
+        "config": {**config.tag(), "seq_len": seq_len, "requant": config.requant,
                    "checkpoint_every": config.checkpoint_every},
-        "prepare": prepared.info, "resumed_from": run.resumed_from,
+        "prepare": prepared.info, "serving": serve_info, **saved_extra,
+        "resumed_from": run.resumed_from,
         "train_seconds": run.seconds, "wall_seconds": time.perf_counter() - t0,
         "environment": tasks.environment(),
     }

@@ -118,6 +118,30 @@ def test_resume_from_an_earlier_checkpoint_reproduces_the_run(run, tmp_path):
     assert res["perplexity"] == r["perplexity"]
 
 
+def test_qlora_saves_adapters_and_serves_the_merged_model_requantized(tiny, tmp_path):
+    from jaxquant.train.lora import init_lora, load_adapters, merge_adapters
+
+    out, js = tmp_path / "q", tmp_path / "q.json"
+    assert cli.main(["finetune", *RUN, "--method", "qlora:r4", "--out", str(out),
+                     "--json", str(js), *EV, "--eval-seq-len", "64"]) == 0
+    r = json.loads(js.read_text())
+    assert r["method"] == "qlora:r4" and r["serving"]["requant"] == "rtn:nf4:g64"
+    assert r["loss_curve"][-1] < r["loss_curve"][0]
+    assert r["prepare"]["base_memory"]["quantized_bytes_per_param"] <= 0.56  # NF4 + DQ
+    assert sorted(p.name for p in out.iterdir()) == ["adapters", "jaxquant.json", "params",
+                                                     "train"]
+    adapters, lora = load_adapters(out / "adapters")
+    assert lora.rank == 4 and lora.base == "nf4" and lora.double_quant
+    # Serving = RTN (the base's NF4 grid, blocks of 64) of base + the saved adapters, exactly.
+    base, _ = jax.jit(lambda p: init_lora(p, lora, jax.random.key(0)))(tiny.params)
+    merged = jax.jit(lambda b, a: merge_adapters(b, a, lora))(base, adapters)
+    _, want, _ = quantize_model(tiny.cfg, merged, parse_recipe("rtn:nf4:g64"), progress=False)
+    _, got, side = saved.load_quantized(out)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert side["recipe"] == "qlora:r4 -> rtn:nf4:g64"
+
+
 def _fails(capsys, *argv, match):
     assert cli.main(["finetune", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -135,6 +159,12 @@ def test_errors_are_one_line_and_say_what_to_do(run, tmp_path, capsys):
     _fails(capsys, *RUN, "--method", "qat:int9", "--out", new, match="unknown qtype 'int9'")
     _fails(capsys, *RUN, "--method", "qat:w8a8", "--init", "gptq", "--out", new,
            match="weight-only")
+    _fails(capsys, *RUN, "--method", "qlora:r0", "--out", new, match="rank must be an int >= 1")
+    _fails(capsys, *RUN, "--method", "lora:16", "--out", new, match=r"lora\[:rRANK\]")
+    _fails(capsys, *RUN, "--method", "qat:int4", "--requant", "gptq", "--out", new,
+           match="--requant applies to lora / qlora")
+    _fails(capsys, *RUN, "--method", "lora", "--requant", "rtn", "--out", new,
+           match="needs a grid.*rtn:int4:g128")
     _fails(capsys, *RUN, "--method", "float", "--out", new, "--resume",
            match=rf"--resume: {new} holds no training checkpoint.*without --resume")
     _fails(capsys, *RUN, "--method", "qat:int4:g32", "--out", str(out),
@@ -146,10 +176,13 @@ def test_errors_are_one_line_and_say_what_to_do(run, tmp_path, capsys):
 
 def test_method_strings_round_trip():
     for text in ("float", "qat:int4:g128", "qat:int3:g128", "qat:int2:g64", "qat:int8",
-                 "qat:nf4:g64", "qat:w8a8"):
+                 "qat:nf4:g64", "qat:w8a8", "lora:r16", "qlora:r8"):
         assert ft.parse_method(text).name == text
         assert ft.parse_method(ft.parse_method(text).name) == ft.parse_method(text)
     assert ft.parse_method("QAT:INT4:G128") == ft.QATMethod(qtype="int4", group_size=128)
+    assert ft.parse_method("qlora") == ft.QLoRAMethod(rank=16) != ft.LoRAMethod(rank=16)
+    qlora = ft.FinetuneConfig(method=ft.parse_method("qlora"), steps=2, requant="gptq")
+    assert qlora.method.requant_recipe(qlora).name == "gptq:int4:g64"
     with pytest.raises(ValueError, match="lacks a qtype"):
         ft.parse_method("qat")
     with pytest.raises(ValueError, match="one group size"):
