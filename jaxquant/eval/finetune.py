@@ -61,9 +61,9 @@ from jaxquant.ptq.recipe import Recipe, parse_recipe
 from jaxquant.train.loop import LoopConfig, WindowBatches, has_checkpoint, train
 from jaxquant.train.step import TrainState, make_optimizer, make_train_step
 
-__all__ = ["METHODS", "FinetuneConfig", "FloatMethod", "LoRAMethod", "QATMethod", "QLoRAMethod",
-           "finetune",
-           "make_finetune_step", "parse_method", "plot_training_curve", "write_plot"]
+__all__ = ["METHODS", "FinetuneConfig", "FinetuneMethod", "FloatMethod", "LoRAMethod", "Prepared",
+           "QATMethod", "QLoRAMethod", "check_out", "finetune", "make_finetune_step",
+           "parse_method", "plot_training_curve", "write_plot"]
 
 TRAIN_DIR = "train"
 ADAPTERS_DIR = "adapters"
@@ -80,18 +80,20 @@ def _form() -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Prepared:
-    """What a method trains: ``Transformer(train_cfg)`` from float ``params``.
+    """What a method trains.
 
     Attributes:
-      train_cfg: the config of the trained model (QAT: with the quantization rules).
-      params: the initial float params (a placeholder of the right shapes when resuming).
-      info: what the preparation did (init, its time), for the result JSON.
+      train_cfg: the config of the trained ``Transformer`` (QAT: with the quantization rules).
+      params: the initial trained params: the float model's (float, QAT; placeholders of the
+        right shapes when resuming) or the LoRA adapters.
+      info: what the preparation did (init, its time, the LoRA base's bytes), for the JSON.
+      extra: method-specific (LoRA: the frozen base).
     """
 
     train_cfg: TransformerConfig
     params: Any
     info: dict
-    extra: Any = None  # method-specific (LoRA: the frozen base and the LoRAConfig)
+    extra: Any = None
 
 
 class FinetuneMethod(abc.ABC):
