@@ -178,7 +178,7 @@ def tiled_weight_dot(lhs, rq: QArray, dn, precision, preferred_element_type, fty
         out_shape = jax.eval_shape(
             lambda: _dot(xl[0], tile({f: p[0] for f, p in xs.items()}), dn, None, None, ftype)
         ).shape
-        y, _ = lax.scan(body, jnp.zeros(out_shape, jnp.float32), (xl, xs))
+        y, _ = lax.scan(body, varying_zeros(out_shape, xl, *xs.values()), (xl, xs))
         return y.astype(out_dtype)
     # Leading axis free: each tile is a slice of the output along that axis.
     ys = lax.map(
@@ -187,3 +187,13 @@ def tiled_weight_dot(lhs, rq: QArray, dn, precision, preferred_element_type, fty
     pos = lhs.ndim - len(lc)  # output axis of the weight's first free axis (its axis 0)
     ys = jnp.moveaxis(ys, 0, pos)
     return ys.reshape(ys.shape[:pos] + (n * c,) + ys.shape[pos + 2 :]).astype(out_dtype)
+
+
+def varying_zeros(shape, *operands) -> jax.Array:
+    """float32 zeros of ``shape`` typed like the sums of ``operands``: inside ``jax.shard_map``
+    they vary over the operands' mesh axes, as a scan's carry must (a plain ``jnp.zeros`` does
+    not, and the scan refuses it); elsewhere they are plain zeros."""
+    z = jnp.zeros(shape, jnp.float32)
+    for a in operands:
+        z = z + jnp.zeros_like(a, dtype=jnp.float32, shape=())
+    return z

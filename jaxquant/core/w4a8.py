@@ -34,6 +34,7 @@ from jax import lax
 from jaxquant.core.packing import unpack_plane
 from jaxquant.core.qarray import QArray
 from jaxquant.core.qtypes import get_qtype
+from jaxquant.core.tiled_dot import varying_zeros
 
 
 def _weight_layout(rq: QArray, rc: int) -> tuple[int, int] | None:
@@ -130,7 +131,8 @@ def tiled_int_dot(lq: QArray, rq: QArray, dn, out_dtype, *, max_rows: int, tile:
                 part = pj if part is None else part + pj
             return acc + jnp.sum(part.astype(jnp.float32) * s_i, axis=0), None
 
-        y, _ = lax.scan(body, jnp.zeros((r_pad, n), jnp.float32), (codes, scale, *xt))
+        y, _ = lax.scan(body, varying_zeros((r_pad, n), codes, scale, *xt),
+                        (codes, scale, *xt))
     else:
         # Head [V, K]: tiles of c rows of V; each gives its own columns of the output.
         scale = jnp.broadcast_to(scale, (rq.shape[0], n_groups)).reshape(n_tiles, tile, n_groups)
