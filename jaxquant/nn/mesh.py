@@ -51,6 +51,7 @@ __all__ = [
     "param_partition_specs",
     "param_shardings",
     "parse_mesh_spec",
+    "place",
     "replicated",
     "shard_params",
 ]
@@ -282,6 +283,23 @@ def param_shardings(
     return _to_shardings(specs, mesh)
 
 
+def place(tree: Any, shardings: Any) -> Any:
+    """``tree`` placed by ``shardings`` (same structure; QArray leaves take QArrays of
+    shardings). In one process this is ``jax.device_put``; with several processes each leaf
+    must hold the same global value on every process, and each process puts only its own
+    devices' blocks (``jax.make_array_from_callback``)."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(x, sharding):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.device_put(x, sharding)
+        a = np.asarray(x)
+        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+    return jax.tree.map(one, tree, shardings)
+
+
 def shard_params(params: Any, mesh: Mesh, **kwargs) -> Any:
-    """``jax.device_put(params, param_shardings(params, mesh, **kwargs))``."""
-    return jax.device_put(params, param_shardings(params, mesh, **kwargs))
+    """``params`` placed by :func:`param_shardings` (``**kwargs``: its options)."""
+    return place(params, param_shardings(params, mesh, **kwargs))

@@ -1,0 +1,184 @@
+"""A training state and step sharded over a device mesh: FSDP + tensor parallel, by XLA's SPMD.
+
+The params take the shardings of :func:`jaxquant.nn.mesh.param_shardings` (``embed`` over
+``fsdp``, heads / MLP / vocab over ``tensor``), the optimizer state the same ones leaf for leaf
+(``optax.tree_map_params``: Adam's moments live where their params live; counters replicated),
+and the batch splits over ``data`` and ``fsdp``. The step is the ordinary one of
+:func:`~jaxquant.train.make_train_step`, jitted with these shardings in and out: XLA inserts
+the all-gathers of FSDP and the reductions of the gradients. Nothing here communicates by hand.
+
+Example::
+
+    mesh = make_mesh("fsdp=4,tensor=2")
+    opt = make_optimizer(learning_rate=1e-3, warmup_steps=2, total_steps=20)
+    state = init_train_state(model, opt, key, tokens)
+    state, step = shard_train_step(make_train_step(model, opt, jit=False), state, opt, mesh)
+    state, metrics = step(state, tokens)          # tokens: numpy [B, S], split over the batch
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from jaxquant.nn.mesh import batch_sharding, param_shardings, place, replicated
+from jaxquant.train.step import TrainState
+
+__all__ = [
+    "compile_step",
+    "memory_report",
+    "per_device_bytes",
+    "place_batch",
+    "shard_train_state",
+    "shard_train_step",
+    "state_shardings",
+    "step_memory",
+]
+
+
+def state_shardings(state: TrainState, optimizer: optax.GradientTransformation, mesh: Mesh,
+                    **kwargs) -> TrainState:
+    """``NamedSharding`` s of a :class:`~jaxquant.train.TrainState` (concrete or abstract).
+
+    Args:
+      state: the state (arrays or ``jax.ShapeDtypeStruct`` s, e.g. ``jax.eval_shape`` of
+        ``init_train_state``).
+      optimizer: the transformation whose ``init`` made ``state.opt_state``.
+      mesh: the mesh.
+      **kwargs: passed to :func:`~jaxquant.nn.mesh.param_shardings` (``rules``, ``table``,
+        ``strict``).
+
+    Returns:
+      A ``TrainState`` of shardings: params by the rules, optimizer leaves shaped like a param
+      like that param, everything else (step, counters) replicated.
+    """
+    params = param_shardings(state.params, mesh, **kwargs)
+    rep = replicated(mesh)
+    opt = optax.tree_map_params(
+        optimizer, lambda _, s: s, state.opt_state, params,
+        transform_non_params=lambda _: rep,
+        is_leaf=lambda x: isinstance(x, NamedSharding))
+    return TrainState(rep, params, opt)
+
+
+def shard_train_state(state: TrainState, optimizer: optax.GradientTransformation, mesh: Mesh,
+                      **kwargs) -> tuple[TrainState, TrainState]:
+    """``(sharded state, its shardings)``: ``state`` placed by :func:`state_shardings`."""
+    shardings = state_shardings(state, optimizer, mesh, **kwargs)
+    return place(state, shardings), shardings
+
+
+def shard_train_step(
+    step: Callable[..., tuple[TrainState, dict]],
+    state: TrainState,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    donate: bool = False,
+    **kwargs,
+) -> tuple[TrainState, Callable[..., tuple[TrainState, dict]]]:
+    """Shards ``state`` and jits ``step`` over ``mesh``.
+
+    Args:
+      step: an *unjitted* step ``(state, tokens [B, S], mask=None) -> (state, metrics)``
+        (``make_train_step(model, opt, jit=False)``).
+      state: the initial state (placed on the mesh here).
+      optimizer: the step's optimizer.
+      mesh: the mesh; ``B`` must divide by ``data * fsdp``.
+      donate: donate the input state's buffers (halves the state's peak memory).
+      **kwargs: passed to :func:`state_shardings`.
+
+    Returns:
+      ``(sharded_state, sharded_step)``. ``sharded_step(state, tokens, mask=None)`` takes the
+      global batch (numpy or a jax array, the same on every process), splits it over the batch
+      axes, and returns the sharded state and replicated metrics. Its ``.jitted`` attribute is
+      the ``jax.jit`` object (``.lower(state, tokens)`` for :func:`step_memory`).
+    """
+    sharded, shardings = shard_train_state(state, optimizer, mesh, **kwargs)
+    rep = replicated(mesh)
+    jitted = jax.jit(step, out_shardings=(shardings, rep), donate_argnums=(0,) if donate else ())
+
+    def sharded_step(state, tokens, mask=None):
+        tokens = place_batch(tokens, mesh)
+        if mask is not None:
+            mask = place_batch(mask, mesh)
+        return jitted(state, tokens, mask)
+
+    sharded_step.jitted = jitted
+    sharded_step.shardings = shardings
+    sharded_step.mesh = mesh
+    return sharded, sharded_step
+
+
+def place_batch(x, mesh: Mesh) -> jax.Array:
+    """A global batch ``[B, ...]`` (the same on every process) split over the batch axes."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return x
+    sharding = batch_sharding(mesh, np.ndim(x))
+    n = int(np.prod([mesh.shape[a] for a in _names(sharding.spec[0])]))
+    if np.shape(x)[0] % n:
+        raise ValueError(f"batch of {np.shape(x)[0]} does not split over the mesh's batch axes "
+                         f"{sharding.spec[0]!r} ({n} shards); use a batch size that is a "
+                         f"multiple of {n}.")
+    return place(x, sharding)
+
+
+def _names(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def per_device_bytes(tree: Any) -> int:
+    """Bytes one device holds of a tree of sharded arrays (or ShapeDtypeStructs with
+    shardings): the largest over devices of the sum of its shards."""
+    per = {}
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        itemsize = np.dtype(leaf.dtype).itemsize
+        if sharding is None:
+            per[None] = per.get(None, 0) + int(np.prod(leaf.shape)) * itemsize
+            continue
+        for device, index in sharding.devices_indices_map(tuple(leaf.shape)).items():
+            n = int(np.prod([len(range(*s.indices(d))) for s, d in zip(index, leaf.shape,
+                                                                         strict=True)]))
+            per[device] = per.get(device, 0) + n * itemsize
+    return max(per.values(), default=0)
+
+
+def compile_step(sharded_step, state: TrainState, tokens):
+    """The compiled step for this state and batch shape (``jax.jit(...).lower(...).compile()``);
+    call it as ``compiled(state, place_batch(tokens, mesh), None)``."""
+    return sharded_step.jitted.lower(state, place_batch(tokens, sharded_step.mesh), None).compile()
+
+
+def memory_report(compiled, state: TrainState) -> dict[str, int]:
+    """Per-device bytes of a compiled step, from XLA's memory analysis.
+
+    Returns:
+      ``{"argument_bytes", "output_bytes", "temp_bytes", "alias_bytes"}`` per device (as
+      ``compiled.memory_analysis()`` reports them; the arguments are the state and the batch),
+      plus ``state_bytes_total`` (the whole state, unsharded) and ``state_bytes_per_device``
+      (the state's shards on the fullest device).
+    """
+    ma = compiled.memory_analysis()
+    total = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+                for x in jax.tree.leaves(state))
+    return {
+        "argument_bytes": int(ma.argument_size_in_bytes),
+        "output_bytes": int(ma.output_size_in_bytes),
+        "temp_bytes": int(ma.temp_size_in_bytes),
+        "alias_bytes": int(ma.alias_size_in_bytes),
+        "state_bytes_total": int(total),
+        "state_bytes_per_device": per_device_bytes(state),
+    }
+
+
+def step_memory(sharded_step, state: TrainState, tokens) -> dict[str, int]:
+    """:func:`memory_report` of :func:`compile_step` (what one device holds for the step)."""
+    return memory_report(compile_step(sharded_step, state, tokens), state)
