@@ -338,12 +338,48 @@ def _adapter_table(adapters: PyTree) -> dict[str, tuple[jax.Array, jax.Array]]:
 # --- the forward --------------------------------------------------------------------------------
 
 
-@functools.partial(jax.checkpoint, static_argnums=(2, 3))
-def _frozen_product(x, kernel, precision, dtype):
-    """``x [..., d_in] @ dequantize(kernel) [d_in, d_out]``, rematerialized in the backward pass
-    (the float kernel is rebuilt from the codes, never kept as a residual)."""
-    w = kernel.dequantize(dtype)
+def _dot_in(x, w, precision):
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision)
+
+
+def _after(kernel, t):
+    """``kernel`` made to depend on the activation ``t`` without changing its bits.
+
+    A quantized kernel depends on parameters only, so XLA is free to dequantize every layer's
+    kernel at the start of the step, and to share one dequantization (e.g. the codebook
+    lookup) between the forward and the backward pass, keeping it alive in between: measured
+    on CPU, the step's temp buffer then grows by two float kernels per layer
+    (``optimization_barrier`` does not prevent it). Adding ``uint8(e - e)`` for one element
+    ``e`` of ``t`` (0 for a finite activation) to the packed codes makes the whole
+    dequantization wait for ``t``, so each float kernel lives only around its own product.
+    """
+    e = jax.lax.stop_gradient(t.reshape(-1)[0]).astype(jnp.float32)
+    zero = (e - e).astype(kernel.qvalue.dtype)
+    return dataclasses.replace(kernel, qvalue=kernel.qvalue + zero)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _frozen_product(x, kernel, precision, dtype):
+    """``x [..., d_in] @ dequantize(kernel) [d_in, d_out]`` with a frozen (quantized) kernel.
+
+    The float kernel exists only around its own product: the forward dequantizes it after
+    ``x`` exists, the backward dequantizes it again (nothing float is saved for it) after the
+    output's cotangent exists (see :func:`_after`). No gradient flows to the kernel.
+    """
+    return _dot_in(x, _after(kernel, x).dequantize(dtype), precision)
+
+
+def _frozen_product_fwd(x, kernel, precision, dtype):
+    return _frozen_product(x, kernel, precision, dtype), kernel
+
+
+def _frozen_product_bwd(precision, dtype, kernel, dy):
+    w = _after(kernel, dy).dequantize(dtype)
+    dx = jax.lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())), precision)
+    return dx, None
+
+
+_frozen_product.defvjp(_frozen_product_fwd, _frozen_product_bwd)
 
 
 def _interceptor(table, lora: LoRAConfig, dropout_key):
@@ -627,27 +663,29 @@ _MEMORY_FIELDS = (
 
 
 def compiled_memory_stats(compiled) -> dict:
-    """The fields of ``compiled.memory_analysis()`` present in this jax / backend, as ints,
-    plus ``peak_bytes``: the backend's ``peak_memory_in_bytes`` when it reports one, else
-    ``argument + output - alias + temp``. An empty dict when the backend gives no analysis."""
+    """The fields of ``compiled.memory_analysis()`` present in this jax / backend, as ints, plus
+    ``peak_bytes = argument + output - alias + temp``: what the executable needs at once (its
+    inputs, its outputs and its temp buffer, in which XLA places every intermediate). The
+    backend's own ``peak_memory_in_bytes`` is kept as reported (on CPU it leaves the temp
+    buffer out). An empty dict when the backend gives no analysis.
+
+    Example:
+      >>> compiled_memory_stats(jax.jit(f).lower(x).compile())["peak_bytes"]  # doctest: +SKIP
+    """
     try:
         ma = compiled.memory_analysis()
     except Exception:  # noqa: BLE001 - some backends / versions do not implement it
         return {}
+    if isinstance(ma, (list, tuple)):  # some versions: one analysis per device
+        ma = ma[0] if ma else None
     if ma is None:
         return {}
-    if isinstance(ma, (list, tuple)):  # older jax: one analysis per device
-        if not ma:
-            return {}
-        ma = ma[0]
     out = {}
     for f in _MEMORY_FIELDS:
         v = getattr(ma, f, None)
-        if isinstance(v, (int, np.integer)) and v >= 0:
+        if isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0:
             out[f] = int(v)
-    if out.get("peak_memory_in_bytes"):
-        out["peak_bytes"] = out["peak_memory_in_bytes"]
-    elif "temp_size_in_bytes" in out:
+    if "temp_size_in_bytes" in out:
         out["peak_bytes"] = (out.get("argument_size_in_bytes", 0)
                              + out.get("output_size_in_bytes", 0)
                              - out.get("alias_size_in_bytes", 0) + out["temp_size_in_bytes"])

@@ -266,3 +266,33 @@ def test_config_defaults_and_base_errors(params, built):
         init_lora(params, LoRAConfig(block_size=48), jax.random.key(0))
     with pytest.raises(ValueError, match="already quantized"):
         init_lora(built["nf4"][1], LoRAConfig(rank=2), jax.random.key(0))
+
+
+def test_frozen_kernels_are_dequantized_one_layer_at_a_time():
+    """The compiled gradient of a chain of frozen NF4 products keeps O(1) float kernels alive,
+    not one or two per layer (XLA would otherwise hoist every dequantization to the start and
+    share it between the forward and the backward pass)."""
+    from jaxquant.core.double_quant import double_quantize
+    from jaxquant.train.lora import _frozen_product
+
+    d = 256
+    kernel_bytes = d * d * 4
+
+    def temp(n_layers):
+        ks = [jax.eval_shape(lambda: double_quantize(jnp.zeros((d, d))))] * n_layers
+
+        def loss(a, ks, x):
+            h = x
+            for k in ks:
+                h = jnp.tanh(_frozen_product(h, k, None, np.dtype("float32")) + (h @ a) @ a.T)
+            return jnp.sum(h)
+
+        args = (jax.ShapeDtypeStruct((d, 4), jnp.float32), ks,
+                jax.ShapeDtypeStruct((8, d), jnp.float32))
+        ma = jax.jit(jax.grad(loss)).lower(*args).compile().memory_analysis()
+        return getattr(ma, "temp_size_in_bytes", None)
+
+    t2, t8 = temp(2), temp(8)
+    if t2 is None:
+        pytest.skip("this backend reports no memory analysis")
+    assert t8 - t2 < kernel_bytes, (t2, t8, kernel_bytes)  # plain dequantize: ~12 kernels more
