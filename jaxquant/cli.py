@@ -7,6 +7,7 @@ Commands: ``demo`` (the main job), ``eval``, ``ptq``, ``finetune``, ``generate``
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -55,9 +56,11 @@ def _heldout(args) -> tuple[str, ...]:
 
 
 def _cmd_eval(args) -> int:
+    from jaxquant.eval import scale as sc
     from jaxquant.eval import tasks
     from jaxquant.models.registry import load
 
+    scale = sc.setup(args)  # --mesh / --coordinator: before anything else touches JAX
     recipe = _recipe(args.quant)  # a bad recipe fails before the model loads
     name = args.model
     if args.checkpoint:
@@ -71,10 +74,19 @@ def _cmd_eval(args) -> int:
     if args.checkpoint:
         from jaxquant.eval.tasks import evaluate_checkpoint
 
+        if scale.mesh is not None:  # the same job, params and windows on the mesh
+            evaluate_checkpoint = functools.partial(sc.evaluate_checkpoint, scale=scale)
         result = evaluate_checkpoint(model, args.checkpoint, dataset=args.data, split=args.split,
                                      heldout=_heldout(args), seq_len=args.seq_len,
                                      stride=args.stride,
                                      max_tokens=args.max_tokens, batch_size=args.batch_size)
+    elif scale.mesh is not None:
+        result = sc.evaluate(
+            model, scale, dataset=args.data, split=args.split, recipe=recipe,
+            seq_len=args.seq_len, stride=args.stride, max_tokens=args.max_tokens,
+            batch_size=args.batch_size, calib_data=args.calib_data,
+            calib_windows=args.calib_windows, calib_len=args.calib_len, seed=args.seed,
+            heldout=_heldout(args))
     else:
         result = tasks.evaluate(
             model, dataset=args.data, split=args.split, recipe=recipe,
@@ -90,11 +102,12 @@ def _cmd_eval(args) -> int:
           f"{result['bits_per_weight']:.2f} | {result['model_bytes'] / 1e6:.1f} | "
           f"{result['tokens_scored']} | {result['perplexity']:.3f} "
           + "".join(f"| {v:.3f} " for v in held.values()) + "|")
-    _write_json(args.json, result)
+    scale.write_json(args.json, result)  # process 0 only
     return 0
 
 
 def _cmd_ptq(args) -> int:
+    from jaxquant.eval import scale as sc
     from jaxquant.eval import tasks
     from jaxquant.models.registry import load
     from jaxquant.models.saved import save_quantized
@@ -102,6 +115,7 @@ def _cmd_ptq(args) -> int:
     from jaxquant.ptq.pipeline import PTQOptions, layer_group_sizes
     from jaxquant.ptq.recipe import GGUF_GRIDS, Recipe
 
+    scale = sc.setup(args)  # --mesh / --coordinator: before anything else touches JAX
     if args.qtype in GGUF_GRIDS:  # a llama.cpp block grid (q4_0...) fixes groups and symmetry
         if args.group_size or args.asym:
             raise ValueError(f"--qtype {args.qtype} fixes groups of 32 and the zero point; "
@@ -118,12 +132,14 @@ def _cmd_ptq(args) -> int:
 
         check_writable(args.out, force=args.force)
     model = load(args.model)
-    cfg, params, info = tasks.quantize(model, recipe, dataset=args.data,
-                                       calib_data=args.calib_data,
-                                       calib_windows=args.calib_windows,
-                                       calib_len=args.calib_len, seed=args.seed, options=options)
+    cfg, params, info = sc.quantize(model, recipe, scale, dataset=args.data,
+                                    calib_data=args.calib_data,
+                                    calib_windows=args.calib_windows,
+                                    calib_len=args.calib_len, seed=args.seed, options=options)
     result = {"model": args.model, **info, **tasks.weight_stats(params),
               "environment": tasks.environment()}
+    if scale.mesh is not None:
+        result["scale"] = scale.describe()
     if (groups := layer_group_sizes(model.cfg, recipe)) is not None:
         result["group_sizes"] = groups  # what each block linear used (recipe.name: what was asked)
         if set(groups.values()) != {recipe.group_size}:
@@ -135,7 +151,7 @@ def _cmd_ptq(args) -> int:
         print(f"saved {recipe.name} checkpoint to {args.out}")
     print(f"{recipe.name}: {result['bits_per_weight']:.2f} bits/weight, "
           f"{result['model_bytes'] / 1e6:.1f} MB, {result['quantize_seconds']:.1f} s")
-    _write_json(args.json, result)
+    scale.write_json(args.json, result)  # process 0 only
     return 0
 
 
@@ -259,6 +275,13 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _scale_args(p) -> None:
+    """--mesh, --coordinator, --num-processes, --process-id (jaxquant.eval.scale)."""
+    from jaxquant.eval.scale import add_scale_args
+
+    add_scale_args(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxquant", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -302,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--heldout", default="shakespeare,kjv",
                     help="held-out texts also scored, on their test split (comma list, or none)")
     # --model defaults to the checkpoint's own model with --checkpoint, else DEFAULT_MODEL.
+    _scale_args(ev)
     ev.set_defaults(func=_cmd_eval, model=None)
 
     ptq = sub.add_parser("ptq", help="quantize a model and write an Orbax checkpoint")
@@ -320,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="GPTQ: calibrate all of a block's linears on float inputs at once")
     ptq.add_argument("--out", help="checkpoint directory")
     ptq.add_argument("--force", action="store_true", help="replace an existing checkpoint")
+    _scale_args(ptq)
     ptq.set_defaults(func=_cmd_ptq)
 
     ft = sub.add_parser("finetune", help="fine-tune (float, QAT, (Q)LoRA) and save a serving "

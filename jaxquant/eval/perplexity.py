@@ -17,6 +17,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from jaxquant.errors import NonFiniteError
@@ -145,6 +146,8 @@ def perplexity(
             w = np.concatenate([w, np.repeat(w[-1:], pad, 0)])
             s = np.concatenate([s, np.zeros((pad,) + s.shape[1:], bool)])
         nll, cnt = nll_fn(params, jnp.asarray(w), jnp.asarray(s))
+        if not nll.is_fully_addressable:  # windows split over several processes' devices
+            nll = multihost_utils.process_allgather(nll, tiled=True)
         nll = np.asarray(nll, np.float64)[: min(batch_size, n - i)]
         bad = np.flatnonzero(~np.isfinite(nll))
         if bad.size:

@@ -2,7 +2,7 @@
 
 The params take the shardings of :func:`jaxquant.nn.mesh.param_shardings` (``embed`` over
 ``fsdp``, heads / MLP / vocab over ``tensor``), the optimizer state the same ones leaf for leaf
-(``optax.tree_map_params``: Adam's moments live where their params live; counters replicated),
+(Adam's moments live where their params live; counters replicated),
 and the batch splits over ``data`` and ``fsdp``. The step is the ordinary one of
 :func:`~jaxquant.train.make_train_step`, jitted with these shardings in and out: XLA inserts
 the all-gathers of FSDP and the reductions of the gradients. Nothing here communicates by hand.
@@ -12,7 +12,7 @@ Example::
     mesh = make_mesh("fsdp=4,tensor=2")
     opt = make_optimizer(learning_rate=1e-3, warmup_steps=2, total_steps=20)
     state = init_train_state(model, opt, key, tokens)
-    state, step = shard_train_step(make_train_step(model, opt, jit=False), state, opt, mesh)
+    state, step = shard_train_step(make_train_step(model, opt, jit=False), state, mesh)
     state, metrics = step(state, tokens)          # tokens: numpy [B, S], split over the batch
 """
 
@@ -23,17 +23,16 @@ from typing import Any
 
 import jax
 import numpy as np
-import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from jaxquant.nn.mesh import batch_sharding, param_shardings, place, replicated
-from jaxquant.train.step import TrainState
 
 __all__ = [
     "compile_step",
     "memory_report",
     "per_device_bytes",
     "place_batch",
+    "shard_step",
     "shard_train_state",
     "shard_train_step",
     "state_shardings",
@@ -41,69 +40,65 @@ __all__ = [
 ]
 
 
-def state_shardings(state: TrainState, optimizer: optax.GradientTransformation, mesh: Mesh,
-                    **kwargs) -> TrainState:
-    """``NamedSharding`` s of a :class:`~jaxquant.train.TrainState` (concrete or abstract).
+def state_shardings(state: Any, mesh: Mesh, **kwargs) -> Any:
+    """``NamedSharding`` s of a training state (concrete or ``jax.eval_shape`` abstract).
+
+    The params' logical axes are found by path (:data:`~jaxquant.nn.mesh.TRANSFORMER_LOGICAL_AXES`
+    ends in ``.../q_proj/kernel`` and the like), so an optimizer leaf shaped like a param, whose
+    path ends the same way (``opt_state/1/0/mu/block_0/attn/q_proj/kernel``), is sharded like
+    that param; the step, counters and anything no pattern names are replicated. Works for any
+    state pytree: :class:`~jaxquant.train.TrainState`, a LoRA state.
 
     Args:
-      state: the state (arrays or ``jax.ShapeDtypeStruct`` s, e.g. ``jax.eval_shape`` of
-        ``init_train_state``).
-      optimizer: the transformation whose ``init`` made ``state.opt_state``.
+      state: the state.
       mesh: the mesh.
       **kwargs: passed to :func:`~jaxquant.nn.mesh.param_shardings` (``rules``, ``table``,
         ``strict``).
-
-    Returns:
-      A ``TrainState`` of shardings: params by the rules, optimizer leaves shaped like a param
-      like that param, everything else (step, counters) replicated.
     """
-    params = param_shardings(state.params, mesh, **kwargs)
-    rep = replicated(mesh)
-    opt = optax.tree_map_params(
-        optimizer, lambda _, s: s, state.opt_state, params,
-        transform_non_params=lambda _: rep,
-        is_leaf=lambda x: isinstance(x, NamedSharding))
-    return TrainState(rep, params, opt)
+    return param_shardings(state, mesh, **kwargs)
 
 
-def shard_train_state(state: TrainState, optimizer: optax.GradientTransformation, mesh: Mesh,
-                      **kwargs) -> tuple[TrainState, TrainState]:
+def shard_train_state(state: Any, mesh: Mesh, **kwargs) -> tuple[Any, Any]:
     """``(sharded state, its shardings)``: ``state`` placed by :func:`state_shardings`."""
-    shardings = state_shardings(state, optimizer, mesh, **kwargs)
+    shardings = state_shardings(state, mesh, **kwargs)
     return place(state, shardings), shardings
 
 
-def shard_train_step(
-    step: Callable[..., tuple[TrainState, dict]],
-    state: TrainState,
-    optimizer: optax.GradientTransformation,
-    mesh: Mesh,
-    *,
-    donate: bool = False,
-    **kwargs,
-) -> tuple[TrainState, Callable[..., tuple[TrainState, dict]]]:
-    """Shards ``state`` and jits ``step`` over ``mesh``.
+def _placed(state: Any, shardings: Any) -> Any:
+    """``state`` on ``shardings``, moved only where a leaf lives elsewhere (the first step of a
+    run whose state was built, or restored, on one device)."""
+    leaves = jax.tree.leaves(state)
+    targets = jax.tree.leaves(shardings)
+    if len(leaves) == len(targets) and all(
+        isinstance(x, jax.Array) and x.sharding.is_equivalent_to(s, x.ndim)
+        for x, s in zip(leaves, targets, strict=True)
+    ):
+        return state
+    return place(state, shardings)
+
+
+def shard_step(step: Callable, mesh: Mesh, shardings: Any, *, donate: bool = False) -> Callable:
+    """``step`` jitted over ``mesh``: the state stays on ``shardings``, the batch splits over
+    the batch axes, the metrics come back replicated.
 
     Args:
-      step: an *unjitted* step ``(state, tokens [B, S], mask=None) -> (state, metrics)``
-        (``make_train_step(model, opt, jit=False)``).
-      state: the initial state (placed on the mesh here).
-      optimizer: the step's optimizer.
+      step: ``(state, tokens [B, S], mask=None) -> (state, metrics)``, jitted or not (an inner
+        ``jax.jit`` is inlined).
       mesh: the mesh; ``B`` must divide by ``data * fsdp``.
+      shardings: the state's shardings (:func:`state_shardings`).
       donate: donate the input state's buffers (halves the state's peak memory).
-      **kwargs: passed to :func:`state_shardings`.
 
     Returns:
-      ``(sharded_state, sharded_step)``. ``sharded_step(state, tokens, mask=None)`` takes the
-      global batch (numpy or a jax array, the same on every process), splits it over the batch
-      axes, and returns the sharded state and replicated metrics. Its ``.jitted`` attribute is
-      the ``jax.jit`` object (``.lower(state, tokens)`` for :func:`step_memory`).
+      ``sharded_step(state, tokens, mask=None)``. It takes the global batch (numpy or a jax
+      array, the same on every process) and a state on any device (one not yet on
+      ``shardings``, e.g. freshly restored, is placed first). ``.jitted`` is the ``jax.jit``
+      object, ``.mesh`` and ``.shardings`` what it was made with.
     """
-    sharded, shardings = shard_train_state(state, optimizer, mesh, **kwargs)
     rep = replicated(mesh)
     jitted = jax.jit(step, out_shardings=(shardings, rep), donate_argnums=(0,) if donate else ())
 
     def sharded_step(state, tokens, mask=None):
+        state = _placed(state, shardings)
         tokens = place_batch(tokens, mesh)
         if mask is not None:
             mask = place_batch(mask, mesh)
@@ -112,7 +107,32 @@ def shard_train_step(
     sharded_step.jitted = jitted
     sharded_step.shardings = shardings
     sharded_step.mesh = mesh
-    return sharded, sharded_step
+    return sharded_step
+
+
+def shard_train_step(
+    step: Callable[..., tuple[Any, dict]],
+    state: Any,
+    mesh: Mesh,
+    *,
+    donate: bool = False,
+    **kwargs,
+) -> tuple[Any, Callable[..., tuple[Any, dict]]]:
+    """Shards ``state`` and jits ``step`` over ``mesh`` (:func:`shard_train_state` +
+    :func:`shard_step`).
+
+    Args:
+      step: ``make_train_step(model, opt, jit=False)`` or any step of that signature.
+      state: the initial state (placed on the mesh here).
+      mesh: the mesh.
+      donate: see :func:`shard_step`.
+      **kwargs: passed to :func:`state_shardings`.
+
+    Returns:
+      ``(sharded_state, sharded_step)``.
+    """
+    sharded, shardings = shard_train_state(state, mesh, **kwargs)
+    return sharded, shard_step(step, mesh, shardings, donate=donate)
 
 
 def place_batch(x, mesh: Mesh) -> jax.Array:
@@ -151,13 +171,13 @@ def per_device_bytes(tree: Any) -> int:
     return max(per.values(), default=0)
 
 
-def compile_step(sharded_step, state: TrainState, tokens):
+def compile_step(sharded_step, state: Any, tokens):
     """The compiled step for this state and batch shape (``jax.jit(...).lower(...).compile()``);
     call it as ``compiled(state, place_batch(tokens, mesh), None)``."""
     return sharded_step.jitted.lower(state, place_batch(tokens, sharded_step.mesh), None).compile()
 
 
-def memory_report(compiled, state: TrainState) -> dict[str, int]:
+def memory_report(compiled, state: Any) -> dict[str, int]:
     """Per-device bytes of a compiled step, from XLA's memory analysis.
 
     Returns:
@@ -179,6 +199,6 @@ def memory_report(compiled, state: TrainState) -> dict[str, int]:
     }
 
 
-def step_memory(sharded_step, state: TrainState, tokens) -> dict[str, int]:
+def step_memory(sharded_step, state: Any, tokens) -> dict[str, int]:
     """:func:`memory_report` of :func:`compile_step` (what one device holds for the step)."""
     return memory_report(compile_step(sharded_step, state, tokens), state)

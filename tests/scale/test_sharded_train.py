@@ -47,7 +47,7 @@ def test_sharded_qat_matches_one_device_and_holds_an_eighth(setup):
     _, opt, batches, state, step, ref_losses, ref_state = setup
     assert ref_losses[0] - ref_losses[-1] > 1.0  # the curve moves: the comparison means something
     mesh = make_mesh("fsdp=4,tensor=2")
-    sharded, sstep = shard_train_step(step, state, opt, mesh)
+    sharded, sstep = shard_train_step(step, state, mesh)
     kernel = sharded.params["block_0"]["mlp"]["up_proj"]["kernel"]
     assert kernel.sharding.spec == P("fsdp", "tensor")
     mu = sharded.opt_state[1][0].mu["block_0"]["mlp"]["up_proj"]["kernel"]  # adamw's 1st moment

@@ -1,0 +1,87 @@
+"""``jaxquant ptq | eval --mesh`` on the tiny model and 8 fake devices: the same numbers as one
+device (API.md, section "Scale"), and one-line errors for bad scale flags."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxquant import checkpoint, cli
+from jaxquant.core import QArray
+
+MESH = ("--mesh", "data=2,fsdp=2,tensor=2")
+EV = ("--model", "tiny", "--max-tokens", "1024", "--seq-len", "64", "--batch-size", "4",
+      "--heldout", "none")
+PTQ = ("--model", "tiny", "--method", "gptq", "--qtype", "int4", "--group-size", "32",
+       "--calib-windows", "8", "--calib-len", "64")
+
+
+def _run(tmp_path, name, *argv):
+    out = tmp_path / f"{name}.json"
+    assert cli.main([*argv, "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_sharded_eval_equals_one_device(tmp_path):
+    one = _run(tmp_path, "one", "eval", *EV, "--quant", "rtn:int4:g32")
+    eight = _run(tmp_path, "eight", "eval", *EV, "--quant", "rtn:int4:g32", *MESH)
+    assert eight["scale"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert eight["tokens_scored"] == one["tokens_scored"] > 0
+    assert eight["perplexity"] == pytest.approx(one["perplexity"], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def gptq_pair(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gptq")
+    assert cli.main(["ptq", *PTQ, "--out", str(d / "one")]) == 0
+    assert cli.main(["ptq", *PTQ, *MESH, "--out", str(d / "eight")]) == 0
+    return d
+
+
+@pytest.mark.slow  # two GPTQ runs of the tiny model: about a minute of CPU
+def test_sharded_gptq_equals_one_device(gptq_pair):
+    """Hessians summed over the 4 batch shards of the calibration windows instead of on one
+    device: the same codes up to the rare one a reassociated sum tips over a rounding
+    boundary (then one step apart), the same scales to float precision."""
+    one, eight = (checkpoint.restore(gptq_pair / n / "params") for n in ("one", "eight"))
+    is_q = lambda x: isinstance(x, QArray)
+    pairs = list(zip(jax.tree.leaves(one, is_leaf=is_q), jax.tree.leaves(eight, is_leaf=is_q),
+                     strict=True))
+    n_codes, n_diff = 0, 0
+    for a, b in pairs:
+        if not is_q(a):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6)
+            continue
+        np.testing.assert_allclose(np.asarray(b.scale), np.asarray(a.scale), rtol=1e-4)
+        ca, cb = np.asarray(a.codes(), np.int32), np.asarray(b.codes(), np.int32)
+        assert np.abs(ca - cb).max() <= 1
+        n_codes, n_diff = n_codes + ca.size, n_diff + int((ca != cb).sum())
+    assert n_codes > 0 and n_diff / n_codes < 1e-3, (n_diff, n_codes)
+
+
+@pytest.mark.slow
+def test_sharded_eval_of_a_checkpoint(gptq_pair, tmp_path):
+    ck = str(gptq_pair / "one")
+    one = _run(tmp_path, "one", "eval", *EV[2:], "--checkpoint", ck)
+    eight = _run(tmp_path, "eight", "eval", *EV[2:], "--checkpoint", ck, *MESH)
+    assert eight["perplexity"] == pytest.approx(one["perplexity"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("flags", "match"),
+    [
+        (("--mesh", "data=3"), "has 3 devices, but there are 8"),
+        (("--mesh", "pipeline=8"), "unknown axis 'pipeline'"),
+        (("--coordinator", "localhost:1234"), "go together"),
+        (("--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"),
+         "HOST:PORT"),
+        (("--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"), "0..1"),
+    ],
+)
+def test_bad_scale_flags_are_one_line_errors(flags, match, capsys):
+    assert cli.main(["eval", *EV, *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err) and match in err[-1], err
