@@ -52,16 +52,17 @@ from flax import traverse_util
 
 from jaxquant.checkpoint import restore as _restore
 from jaxquant.checkpoint import save as _save
-from jaxquant.core import QArray, QuantSpec, check_finite, get_qtype, quantize
+from jaxquant.core import QArray, QuantSpec, check_finite, gather_rows, get_qtype, quantize
 from jaxquant.core.double_quant import DoubleQuantArray, double_quantize
 from jaxquant.errors import JaxquantError
 from jaxquant.nn.config import TransformerConfig
-from jaxquant.nn.linear import QDense
+from jaxquant.nn.linear import QDense, QEmbed
 from jaxquant.nn.rules import module_path
 from jaxquant.nn.transformer import Transformer
 from jaxquant.train.step import next_token_loss
 
 __all__ = [
+    "ALL_WEIGHTS",
     "PROJECTIONS",
     "LoRAConfig",
     "LoRAState",
@@ -85,6 +86,10 @@ __all__ = [
 PROJECTIONS = r"(^|/)(q|k|v|o|gate|up|down)_proj$"
 """The seven projections of a Transformer block (``re.search`` over module paths)."""
 
+ALL_WEIGHTS = r"(^|/)((q|k|v|o|gate|up|down)_proj|embed|lm_head)$"
+"""``base_targets`` that also freezes the embedding (and an untied head) in the base format:
+every matrix, so the whole frozen base (norm scales aside) is about 0.52 bytes per parameter."""
+
 LORA_A, LORA_B = "lora_a", "lora_b"
 _FORMAT = "jaxquant-lora-adapters"
 _FORMAT_VERSION = 1
@@ -104,9 +109,10 @@ class LoRAConfig:
         linears that get adapters. Default: the seven block projections.
       base: the frozen base's format: ``"nf4"`` (QLoRA; any name of
         :data:`jaxquant.core.QTYPES` works), or None for a float base (plain LoRA).
-      base_targets: regex of the kernels stored in ``base`` format (default: the seven
-        projections, whether or not they have adapters); the others (embedding, norms, an
-        untied head) stay float.
+      base_targets: regex of the modules whose kernel (or embedding table) is stored in
+        ``base`` format. Default: the seven projections, whether or not they have adapters,
+        as bitsandbytes does (embedding, head and norms stay float); :data:`ALL_WEIGHTS` adds
+        the embedding / head (the table in blocks along ``D``, looked up row by row).
       block_size: inputs per first-level scale of the base.
       double_quant: store the block scales in 8 bits (blocks of ``scale_block_size``, QLoRA's
         double quantization); False keeps them float32 (a plain :class:`~jaxquant.core.QArray`).
@@ -204,9 +210,9 @@ _double_quantize = jax.jit(
 )
 
 
-@functools.partial(jax.jit, static_argnames=("qtype", "block_size"))
-def _block_quantize(w, qtype, block_size):
-    spec = QuantSpec(qtype=qtype, channel_axes=(1,), group_size=block_size, group_axis=0)
+@functools.partial(jax.jit, static_argnames=("qtype", "block_size", "axis"))
+def _block_quantize(w, qtype, block_size, axis):
+    spec = QuantSpec(qtype=qtype, channel_axes=(1 - axis,), group_size=block_size, group_axis=axis)
     return quantize(w, spec)
 
 
@@ -216,19 +222,21 @@ def _dequantize(q, dtype):
 
 
 def quantize_base(params: PyTree, lora: LoRAConfig) -> PyTree:
-    """The frozen base: ``params`` with every kernel matching ``lora.base_targets`` quantized.
+    """The frozen base: ``params`` with every kernel (or embedding table) of a module matching
+    ``lora.base_targets`` quantized in blocks of ``lora.block_size`` along its contracting axis.
 
     Args:
-      params: the float Transformer params (nested dicts; kernels ``[d_in, d_out]``).
+      params: the float Transformer params (nested dicts; kernels ``[d_in, d_out]``, tables
+        ``[V, D]``).
       lora: the config; ``base=None`` returns the params unchanged (float LoRA).
 
     Returns:
-      The same tree with those kernels as :class:`~jaxquant.core.double_quant.DoubleQuantArray`
-      (``double_quant=True``) or :class:`~jaxquant.core.QArray` (blocks of ``block_size`` inputs).
+      The same tree with those leaves as :class:`~jaxquant.core.double_quant.DoubleQuantArray`
+      (``double_quant=True``) or :class:`~jaxquant.core.QArray` (float32 block scales).
 
     Raises:
-      ValueError: no kernel matches ``base_targets``, or ``block_size`` does not divide a
-        kernel's input size.
+      ValueError: nothing matches ``base_targets``, ``block_size`` does not divide a
+        contracting size, a leaf is already quantized or holds NaN/inf.
     """
     if lora.base is None:
         return params
@@ -237,30 +245,34 @@ def quantize_base(params: PyTree, lora: LoRAConfig) -> PyTree:
     for key, leaf in flat.items():
         new[key] = leaf
         path = "/".join(str(k) for k in key[:-1])
-        if key[-1] != "kernel" or not re.search(lora.base_targets, path):
+        if key[-1] not in ("kernel", "embedding") or not re.search(lora.base_targets, path):
             continue
+        name = f"{path}/{key[-1]}"
         if isinstance(leaf, (QArray, DoubleQuantArray)):
             raise ValueError(
-                f"quantize_base: {path}/kernel is already quantized; pass the float params "
+                f"quantize_base: {name} is already quantized; pass the float params "
                 "(e.g. a loaded float model), not serving params."
             )
         w = jnp.asarray(leaf)
         if w.ndim != 2:
-            raise ValueError(f"quantize_base: {path}/kernel has shape {w.shape}; expected [d_in, d_out].")
-        if w.shape[0] % lora.block_size:
+            raise ValueError(f"quantize_base: {name} has shape {w.shape}; expected 2-D.")
+        # kernels [d_in, d_out]: blocks of inputs; tables [V, D]: blocks along D (the tied
+        # head's contracting axis), so that rows can be looked up with their own scales
+        axis = 0 if key[-1] == "kernel" else 1
+        if w.shape[axis] % lora.block_size:
             raise ValueError(
-                f"quantize_base: block_size {lora.block_size} does not divide {path}'s input size "
-                f"{w.shape[0]}; choose a LoRAConfig.block_size that divides it."
+                f"quantize_base: block_size {lora.block_size} does not divide {name}'s "
+                f"contracting size {w.shape[axis]}; choose a LoRAConfig.block_size that divides it."
             )
         hit = True
-        check_finite(w, f"{path}/kernel")
+        check_finite(w, name)
         if lora.double_quant:
             new[key] = _double_quantize(
-                w, lora.base, block_size=lora.block_size, axis=0,
+                w, lora.base, block_size=lora.block_size, axis=axis,
                 scale_block_size=lora.scale_block_size,
             )
         else:
-            new[key] = _block_quantize(w, lora.base, lora.block_size)
+            new[key] = _block_quantize(w, lora.base, lora.block_size, axis)
     if not hit:
         raise ValueError(
             f"LoRAConfig.base_targets {lora.base_targets!r} matched no kernel; kernels are at "
@@ -338,8 +350,9 @@ def _adapter_table(adapters: PyTree) -> dict[str, tuple[jax.Array, jax.Array]]:
 # --- the forward --------------------------------------------------------------------------------
 
 
-def _dot_in(x, w, precision):
-    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision)
+def _dot_in(x, w, precision, k_axis=0):
+    """``x [..., d_in]`` contracted with axis ``k_axis`` of the 2-D ``w``."""
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (k_axis,)), ((), ())), precision)
 
 
 def _after(kernel, t):
@@ -358,28 +371,59 @@ def _after(kernel, t):
     return dataclasses.replace(kernel, qvalue=kernel.qvalue + zero)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _frozen_product(x, kernel, precision, dtype):
-    """``x [..., d_in] @ dequantize(kernel) [d_in, d_out]`` with a frozen (quantized) kernel.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _frozen_product(x, kernel, precision, dtype, k_axis=0):
+    """``x [..., d_in]`` times the dequantized frozen 2-D ``kernel``, contracting its axis
+    ``k_axis`` (0: a ``[d_in, d_out]`` kernel; 1: the tied head ``x . E^T`` of a ``[V, D]`` table).
 
     The float kernel exists only around its own product: the forward dequantizes it after
     ``x`` exists, the backward dequantizes it again (nothing float is saved for it) after the
     output's cotangent exists (see :func:`_after`). No gradient flows to the kernel.
     """
-    return _dot_in(x, _after(kernel, x).dequantize(dtype), precision)
+    return _dot_in(x, _after(kernel, x).dequantize(dtype), precision, k_axis)
 
 
-def _frozen_product_fwd(x, kernel, precision, dtype):
-    return _frozen_product(x, kernel, precision, dtype), kernel
+def _frozen_product_fwd(x, kernel, precision, dtype, k_axis):
+    return _frozen_product(x, kernel, precision, dtype, k_axis), kernel
 
 
-def _frozen_product_bwd(precision, dtype, kernel, dy):
+def _frozen_product_bwd(precision, dtype, k_axis, kernel, dy):
     w = _after(kernel, dy).dequantize(dtype)
-    dx = jax.lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())), precision)
-    return dx, None
+    return _dot_in(dy, w, precision, 1 - k_axis), None
 
 
 _frozen_product.defvjp(_frozen_product_fwd, _frozen_product_bwd)
+
+
+def _frozen_table(mod):
+    table = getattr(mod, "embedding", None)
+    if table is None and mod.scope is not None and mod.scope.has_variable("params", "embedding"):
+        table = mod.scope.get_variable("params", "embedding")
+    return table if isinstance(table, (QArray, DoubleQuantArray)) else None
+
+
+def _embed(next_fun, args, kwargs, ctx):
+    """A :class:`QEmbed` whose table is frozen and quantized: lookup of the quantized rows,
+    tied head through :func:`_frozen_product`."""
+    mod = ctx.module
+    if ctx.method_name == "setup":  # skip the param's shape check (packed codes)
+        table = _frozen_table(mod)
+        if table is None:
+            return next_fun(*args, **kwargs)
+        if mod.config is not None:
+            raise JaxquantError(f"{module_path(mod)}: a quantized frozen embedding needs a float "
+                                "layer; build the LoRA model from the float TransformerConfig.")
+        mod.embedding = table
+        return None
+    table = _frozen_table(mod) if ctx.method_name in ("__call__", "attend") else None
+    if table is None:
+        return next_fun(*args, **kwargs)
+    dtype = np.dtype(mod.dtype or table.dtype)
+    if ctx.method_name == "__call__":
+        q = table.to_qarray() if isinstance(table, DoubleQuantArray) else table
+        return gather_rows(q, jnp.asarray(args[0])).dequantize(dtype)
+    x = jnp.asarray(args[0]).astype(dtype)
+    return _frozen_product(x, table, None, dtype, 1)
 
 
 def _interceptor(table, lora: LoRAConfig, dropout_key):
@@ -388,6 +432,8 @@ def _interceptor(table, lora: LoRAConfig, dropout_key):
 
     def interceptor(next_fun, args, kwargs, ctx):
         mod = ctx.module
+        if isinstance(mod, QEmbed):
+            return _embed(next_fun, args, kwargs, ctx)
         if ctx.method_name != "__call__" or not isinstance(mod, QDense):
             return next_fun(*args, **kwargs)
         path = module_path(mod)
@@ -405,7 +451,7 @@ def _interceptor(table, lora: LoRAConfig, dropout_key):
                     f"{path}: a quantized frozen base needs a float layer (no quantization rules, "
                     "no bias); build the LoRA model from the float TransformerConfig."
                 )
-            y = _frozen_product(x, kernel, mod.precision, np.dtype(mod.dtype or kernel.dtype))
+            y = _frozen_product(x, kernel, mod.precision, np.dtype(mod.dtype or kernel.dtype), 0)
         else:
             y = next_fun(x, **kwargs)
         if adapter is None:
