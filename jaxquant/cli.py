@@ -157,10 +157,13 @@ def _cmd_ptq(args) -> int:
 
 def _cmd_finetune(args) -> int:
     from jaxquant.eval import finetune as ft
+    from jaxquant.eval import scale as sc
     from jaxquant.models.registry import load
 
+    scale = sc.setup(args)  # --mesh / --coordinator: before anything else touches JAX
     config = ft.FinetuneConfig(  # a bad method or setting fails before the model loads
-        method=ft.parse_method(args.method), steps=args.steps, batch_size=args.batch_size,
+        method=sc.sharded_method(ft.parse_method(args.method), scale), steps=args.steps,
+        batch_size=args.batch_size,
         seq_len=args.seq_len, learning_rate=args.lr, warmup_steps=args.warmup,
         weight_decay=args.weight_decay, checkpoint_every=args.checkpoint_every, seed=args.seed,
         init=args.init, calib_windows=args.calib_windows, calib_len=args.calib_len,
@@ -182,7 +185,9 @@ def _cmd_finetune(args) -> int:
           f"{result['perplexity']:.3f} " + "".join(f"| {v:.3f} " for v in held.values()) + "|")
     print(f"saved the serving checkpoint to {result['out']} (score it with `jaxquant eval "
           f"--checkpoint {result['out']}`); loss curve: {png}")
-    _write_json(args.json, result)
+    if scale.mesh is not None:
+        result["scale"] = scale.describe()
+    scale.write_json(args.json, result)  # process 0 only
     return 0
 
 
@@ -373,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--eval-seq-len", type=int, default=2048)
     ft.add_argument("--heldout", default="none",
                     help="held-out texts also scored (comma list, e.g. shakespeare,kjv; none)")
+    _scale_args(ft)
     ft.set_defaults(func=_cmd_finetune)
 
     gen = sub.add_parser("generate", help="generate text with the KV cache")

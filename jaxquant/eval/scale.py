@@ -58,6 +58,7 @@ __all__ = [
     "initialize",
     "quantize",
     "setup",
+    "sharded_method",
 ]
 
 
@@ -297,3 +298,65 @@ def evaluate_checkpoint(model: LoadedModel, directory, *, scale: Scale, dataset:
             "heldout": {n: run(n)["perplexity"] for n in heldout if n != dataset},
             **tasks.weight_stats(params), "environment": tasks.environment(),
             "scale": scale.describe()}
+
+
+def sharded_method(method, scale: Scale):
+    """The fine-tuning ``method`` (:func:`jaxquant.eval.finetune.parse_method`) run on
+    ``scale.mesh``: its state sharded by the logical rules (params and optimizer state alike),
+    its step jitted with those shardings, each batch split over ``data`` x ``fsdp``. The method's
+    name is unchanged, so a run can be resumed on another mesh (or none). Without a mesh,
+    ``method`` itself."""
+    if scale.mesh is None:
+        return method
+    from jaxquant.eval import finetune as ft
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Sharded(ft.FinetuneMethod):
+        inner: ft.FinetuneMethod
+        mesh: Mesh
+
+        kind = "sharded"
+
+        @classmethod
+        def parse(cls, options, text):
+            raise ValueError("a sharded method wraps a parsed one: sharded_method(method, scale)")
+
+        @property
+        def name(self) -> str:
+            return self.inner.name
+
+        def __getattr__(self, attr):  # whatever else a method grows, from the wrapped one
+            if attr == "inner":
+                raise AttributeError(attr)
+            return getattr(self.inner, attr)
+
+        def check(self, config) -> None:
+            self.inner.check(config)
+            n = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+            if config.batch_size % n:
+                raise ValueError(f"--batch-size {config.batch_size} does not split over the "
+                                 f"mesh's batch axes data x fsdp = {n}; use a multiple of {n}.")
+
+        def prepare(self, *args, **kwargs):
+            return self.inner.prepare(*args, **kwargs)
+
+        def init_state(self, prepared, optimizer):
+            from jaxquant.train.sharding import shard_train_state
+
+            return shard_train_state(self.inner.init_state(prepared, optimizer), self.mesh,
+                                     strict=False)[0]
+
+        def make_step(self, prepared, optimizer, config):
+            from jaxquant.train.sharding import shard_step, state_shardings
+
+            abstract = jax.eval_shape(lambda: self.inner.init_state(prepared, optimizer))
+            return shard_step(self.inner.make_step(prepared, optimizer, config), self.mesh,
+                              state_shardings(abstract, self.mesh, strict=False))
+
+        def save_extra(self, *args, **kwargs):
+            return self.inner.save_extra(*args, **kwargs)
+
+        def to_serving(self, *args, **kwargs):
+            return self.inner.to_serving(*args, **kwargs)
+
+    return Sharded(inner=method, mesh=scale.mesh)

@@ -82,8 +82,8 @@ def shard_step(step: Callable, mesh: Mesh, shardings: Any, *, donate: bool = Fal
     the batch axes, the metrics come back replicated.
 
     Args:
-      step: ``(state, tokens [B, S], mask=None) -> (state, metrics)``, jitted or not (an inner
-        ``jax.jit`` is inlined).
+      step: ``(state, tokens [B, S], mask=None) -> (state, metrics)`` (or without ``mask``),
+        jitted or not (an inner ``jax.jit`` is inlined).
       mesh: the mesh; ``B`` must divide by ``data * fsdp``.
       shardings: the state's shardings (:func:`state_shardings`).
       donate: donate the input state's buffers (halves the state's peak memory).
@@ -100,9 +100,9 @@ def shard_step(step: Callable, mesh: Mesh, shardings: Any, *, donate: bool = Fal
     def sharded_step(state, tokens, mask=None):
         state = _placed(state, shardings)
         tokens = place_batch(tokens, mesh)
-        if mask is not None:
-            mask = place_batch(mask, mesh)
-        return jitted(state, tokens, mask)
+        if mask is None:  # steps without a mask argument (LoRA's) work too
+            return jitted(state, tokens)
+        return jitted(state, tokens, place_batch(mask, mesh))
 
     sharded_step.jitted = jitted
     sharded_step.shardings = shardings
@@ -173,8 +173,8 @@ def per_device_bytes(tree: Any) -> int:
 
 def compile_step(sharded_step, state: Any, tokens):
     """The compiled step for this state and batch shape (``jax.jit(...).lower(...).compile()``);
-    call it as ``compiled(state, place_batch(tokens, mesh), None)``."""
-    return sharded_step.jitted.lower(state, place_batch(tokens, sharded_step.mesh), None).compile()
+    call it as ``compiled(state, place_batch(tokens, mesh))``."""
+    return sharded_step.jitted.lower(state, place_batch(tokens, sharded_step.mesh)).compile()
 
 
 def memory_report(compiled, state: Any) -> dict[str, int]:

@@ -85,3 +85,24 @@ def test_bad_scale_flags_are_one_line_errors(flags, match, capsys):
     assert cli.main(["eval", *EV, *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "Traceback" not in "\n".join(err) and match in err[-1], err
+
+
+FT = ("--model", "tiny", "--method", "qat:int4:g32", "--steps", "6", "--batch-size", "4",
+      "--seq-len", "32", "--lr", "3e-3", "--warmup", "1", "--max-tokens", "512",
+      "--eval-seq-len", "64", "--checkpoint-every", "3")
+
+
+@pytest.mark.slow  # two fine-tuning runs (compile, 6 steps, convert, eval): ~40 s of CPU
+def test_sharded_finetune_equals_one_device(tmp_path):
+    """QAT on data=2,fsdp=2,tensor=2: the loss curve, the saved serving model's perplexity and
+    its codes equal the one-device run's; the training state is saved sharded and restored."""
+    one = _run(tmp_path, "one", "finetune", *FT, "--out", str(tmp_path / "one"))
+    eight = _run(tmp_path, "eight", "finetune", *FT, *MESH, "--out", str(tmp_path / "eight"))
+    assert eight["scale"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    np.testing.assert_allclose(eight["loss_curve"], one["loss_curve"], rtol=1e-5)
+    assert eight["perplexity"] == pytest.approx(one["perplexity"], rel=1e-4)
+    a = checkpoint.restore(tmp_path / "one" / "params")
+    b = checkpoint.restore(tmp_path / "eight" / "params")
+    qa = a["block_1"]["mlp"]["down_proj"]["kernel"]
+    qb = b["block_1"]["mlp"]["down_proj"]["kernel"]
+    assert np.mean(np.asarray(qa.codes()) != np.asarray(qb.codes())) < 1e-3
