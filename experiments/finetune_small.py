@@ -9,7 +9,9 @@ about 15 minutes of one shared CPU core, is 0.39 M params, 200 steps of 16 x 128
 * ``qat:int4:g128`` and ``qat:int2:g64``: fake-quantized weights with a straight-through
   gradient;
 
-then the float model is quantized post-training (RTN and GPTQ at int4 g128 and int2 g64, and
+then float, QAT int4 g128 and QAT int2 g64 continue from the trained float model for
+``finetune_steps`` more steps (QAT as a fine-tune), and the float model is quantized
+post-training (RTN and GPTQ at int4 g128 and int2 g64, and
 W8A8). Every row is scored on the first ``eval_tokens`` bytes of PTB test by the same path
 (``jaxquant.eval.tasks``; the QAT rows from their saved serving checkpoints). The training runs
 go through :func:`jaxquant.eval.finetune.finetune`, as ``jaxquant finetune`` does.
@@ -47,6 +49,9 @@ class Budget:
       eval_tokens: PTB test bytes scored per row.
       calib_windows: GPTQ calibration windows of ``seq_len`` PTB train bytes.
       seed: init and batch seed.
+      finetune_steps: then float / QAT int4 g128 / QAT int2 g64 fine-tuned from the trained
+        float model for this many more steps (batches of seed + 1, learning rate / 10): QAT as
+        a fine-tune, next to the float model fine-tuned as long (0: skip).
     """
 
     steps: int = 200
@@ -60,6 +65,7 @@ class Budget:
     eval_tokens: int = 16384
     calib_windows: int = 32
     seed: int = 0
+    finetune_steps: int = 50
 
 
 QAT_METHODS = ("float", "qat:w8a8", "qat:int4:g128", "qat:int2:g64")
@@ -130,6 +136,22 @@ def run(budget: Budget, work: Path, on_row=None) -> dict:
               f"{r['final_train_loss_mean']:.4f}, {r['train_seconds']:.0f} s", flush=True)
         if on_row:
             on_row(result)
+    for method in ("float", "qat:int4:g128", "qat:int2:g64") if budget.finetune_steps else ():
+        config = ft.FinetuneConfig(method=ft.parse_method(method), steps=budget.finetune_steps,
+                                   batch_size=budget.batch_size, seq_len=budget.seq_len,
+                                   learning_rate=budget.learning_rate / 10,
+                                   checkpoint_every=budget.finetune_steps, seed=budget.seed + 1)
+        out = work / ("ft-" + method.replace(":", "_"))
+        r = ft.finetune(trained_float, config, out, eval_seq_len=budget.seq_len,
+                        eval_max_tokens=budget.eval_tokens)
+        rows.append({"row": f"{method} from float (+{budget.finetune_steps} steps)",
+                     "kind": "fine-tune", "bits_per_weight": r["bits_per_weight"],
+                     "perplexity": r["perplexity"],
+                     "final_train_loss": r["final_train_loss_mean"],
+                     "loss_curve": r["loss_curve"], "train_seconds": r["train_seconds"]})
+        print(f"{method} from float: ppl {r['perplexity']:.3f}", flush=True)
+        if on_row:
+            on_row(result)
     for text in PTQ_RECIPES:
         recipe = parse_recipe(text)
         cfg, params, info = tasks.quantize(trained_float, recipe, calib_windows=budget.calib_windows,
@@ -164,6 +186,11 @@ def goals(rows: list[dict]) -> dict:
         out["qat_w8a8_ppl_vs_float_pct"] = 100 * (ppl("qat:w8a8") / ppl("float") - 1)
     if ppl("qat:int4:g128") and ppl("PTQ gptq:int4:g128 of float"):
         out["qat_int4_beats_gptq_int4"] = ppl("qat:int4:g128") < ppl("PTQ gptq:int4:g128 of float")
+    for q in ("int4:g128", "int2:g64"):
+        ftq = next((r for r in rows if r["row"].startswith(f"qat:{q} from float")), None)
+        if ftq is not None and ppl(f"PTQ gptq:{q} of float"):
+            out[f"qat_{q.replace(':', '_')}_from_float_vs_gptq_ppl_ratio"] = (
+                ftq["perplexity"] / ppl(f"PTQ gptq:{q} of float"))
     if ppl("qat:int2:g64") and ppl("PTQ gptq:int2:g64 of float"):
         out["gptq_int2_over_qat_int2_ppl_ratio"] = (ppl("PTQ gptq:int2:g64 of float")
                                                     / ppl("qat:int2:g64"))
