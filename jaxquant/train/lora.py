@@ -7,11 +7,15 @@ A targeted projection with kernel ``W [d_in, d_out]`` computes, in activation sp
 ``W`` is frozen. For QLoRA (``LoRAConfig(base="nf4")``, the default) it is held as a
 :class:`~jaxquant.core.double_quant.DoubleQuantArray`: packed NF4 codes in blocks of 64 inputs,
 block scales in 8 bits (blocks of 256, centred on their mean), about 0.516 bytes per weight.
-Each layer dequantizes its own kernel right before its product, inside ``jax.checkpoint``, so
-the backward pass recomputes it instead of keeping a float copy of every kernel alive (the
-bitsandbytes way). For float LoRA (``base=None``) the kernel stays float. ``A`` starts
-Kaiming-uniform (PEFT's ``U(-1/sqrt(d_in), 1/sqrt(d_in))``), ``B`` at zero, so the model starts
-exactly at its base.
+Each layer dequantizes its own kernel right before its product, and the backward pass
+dequantizes it again rather than keeping a float copy (the bitsandbytes way); a zero derived
+from the layer's activation makes XLA keep to that order, so the compiled step holds about one
+layer's float kernels at a time (``_frozen_product``; measured in
+``experiments/qlora_memory.py``). ``base_targets=ALL_WEIGHTS`` freezes the embedding / tied head
+in NF4 too. For float LoRA (``base=None``) the kernel stays float. ``A`` starts Kaiming-uniform
+(PEFT's ``U(-1/sqrt(d_in), 1/sqrt(d_in))``), ``B`` at zero, so the model starts exactly at its
+base. The adapters run through ``flax.linen.intercept_methods`` around the unchanged
+``Transformer``: the ``nn`` layers know nothing of LoRA.
 
 The adapters are a nested dict mirroring the param tree (only the targeted modules)::
 
@@ -31,6 +35,14 @@ Example::
     state, metrics = step(state, tokens)                       # tokens int [B, S]
     save_adapters("run/adapters", state.adapters, lora)        # tiny: the adapters alone
     params = merge_adapters(base, state.adapters, lora)        # float, for RTN / GPTQ serving
+    memory_report(step, state, tokens)                         # base bytes/param, step peak
+
+The surface: :class:`LoRAConfig`, :func:`init_lora` (= :func:`quantize_base` +
+:func:`init_adapters`), :class:`LoRAState` / :func:`init_lora_state`,
+:func:`make_lora_train_step` (a :class:`LoRATrainStep`), :func:`lora_apply` (the forward),
+:func:`make_lora_eval_step`, :func:`merge_adapters`, :func:`dequantize_base`,
+:func:`save_adapters` / :func:`load_adapters`, :func:`base_memory`, :func:`memory_report`,
+:func:`compiled_memory_stats`.
 """
 
 from __future__ import annotations
@@ -520,6 +532,12 @@ class LoRATrainStep:
     ``loss`` (before the update), ``grad_norm`` (of the adapter gradient, before clipping) and
     ``n_tokens``. Dropout draws its mask from ``fold_in(key(seed), state.step)``, so a resumed
     run repeats the same masks.
+
+    Attributes:
+      base: the frozen base.
+      pure: the un-jitted ``(base, state, tokens, mask=None) -> (state, metrics)``, for callers
+        that jit it themselves (e.g. with shardings); pass the base as an argument, do not
+        close over it (a closed-over base is baked into the executable as constants).
     """
 
     def __init__(self, cfg, base, optimizer, lora, *, seed=0, jit=True):
@@ -541,6 +559,7 @@ class LoRATrainStep:
             metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "n_tokens": n}
             return LoRAState(state.step + 1, adapters, opt_state), metrics
 
+        self.pure = step
         self._step = jax.jit(step) if jit else step
 
     def __call__(self, state: LoRAState, tokens: jax.Array, mask: jax.Array | None = None):
