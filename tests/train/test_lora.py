@@ -32,6 +32,7 @@ from jaxquant.train.lora import (
     make_lora_train_step,
     memory_report,
     merge_adapters,
+    quantize_base,
     save_adapters,
 )
 
@@ -279,6 +280,12 @@ def test_config_defaults_and_base_errors(params, built):
         init_lora(params, LoRAConfig(block_size=48), jax.random.key(0))
     with pytest.raises(ValueError, match="already quantized"):
         init_lora(built["nf4"][1], LoRAConfig(rank=2), jax.random.key(0))
+    # without double quantization: plain block-wise NF4 QArrays, 0.5625 bytes/param (> 0.56)
+    plain = quantize_base(params, LoRAConfig(double_quant=False))
+    q = [x for x in _leaves(plain) if isinstance(x, (QArray, DoubleQuantArray))]
+    assert len(q) == 7 and all(isinstance(x, QArray) and x.group_size == 64 for x in q)
+    assert base_memory(plain)["quantized_bytes_per_param"] == pytest.approx(0.5625)
+    assert base_memory(built["nf4"][1])["quantized_bytes_per_param"] < 0.52
 
 
 def test_frozen_kernels_are_dequantized_one_layer_at_a_time():
