@@ -42,6 +42,7 @@ from jaxquant.core.sharding import ShardingError, axis_split, qarray_partition_s
 
 __all__ = [
     "LOGICAL_AXIS_RULES",
+    "abstract_on",
     "MESH_AXES",
     "TRANSFORMER_LOGICAL_AXES",
     "ShardingError",
@@ -298,6 +299,20 @@ def place(tree: Any, shardings: Any) -> Any:
         return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
 
     return jax.tree.map(one, tree, shardings)
+
+
+def abstract_on(tree: Any, shardings: Any) -> Any:
+    """``tree``'s shapes and dtypes as ``jax.ShapeDtypeStruct`` s carrying ``shardings``: the
+    ``target`` of :func:`jaxquant.checkpoint.restore` that reads each array straight into its
+    shards (a checkpoint saved from any mesh restores onto any other).
+
+    Example:
+      >>> like = jax.eval_shape(lambda: serve_params)
+      >>> target = abstract_on(like, param_shardings(like, make_mesh("tensor=8")))
+      >>> params = jaxquant.checkpoint.restore(path, target)
+    """
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
+                        tree, shardings)
 
 
 def shard_params(params: Any, mesh: Mesh, **kwargs) -> Any:
