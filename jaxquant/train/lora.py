@@ -438,7 +438,7 @@ def _embed(next_fun, args, kwargs, ctx):
     return _frozen_product(x, table, None, dtype, 1)
 
 
-def _interceptor(table, lora: LoRAConfig, dropout_key):
+def _interceptor(table, lora: LoRAConfig, dropout_key, used: set):
     rate = lora.dropout if dropout_key is not None else 0.0
     scaling = lora.scaling
 
@@ -468,6 +468,7 @@ def _interceptor(table, lora: LoRAConfig, dropout_key):
             y = next_fun(x, **kwargs)
         if adapter is None:
             return y
+        used.add(path)
         a, b = adapter
         xa = x
         if rate > 0.0:
@@ -502,10 +503,19 @@ def lora_apply(
 
     Returns:
       ``logits [B, S, V]`` float32.
+
+    Raises:
+      ValueError: an adapter whose path is no dense layer of the model.
     """
     table = _adapter_table(adapters) if adapters is not None else {}
-    with nn.intercept_methods(_interceptor(table, lora, dropout_key)):
-        return Transformer(cfg).apply({"params": base}, tokens)
+    used: set[str] = set()
+    with nn.intercept_methods(_interceptor(table, lora, dropout_key, used)):
+        logits = Transformer(cfg).apply({"params": base}, tokens)
+    unused = sorted(set(table) - used)
+    if unused:
+        raise ValueError(f"adapters at {unused[:4]} match no dense layer of the model; build them "
+                         "with init_adapters from this model's params.")
+    return logits
 
 
 # --- training -----------------------------------------------------------------------------------

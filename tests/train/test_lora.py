@@ -119,6 +119,9 @@ def test_adapters_on_every_projection_by_default_and_by_regex(params):
     assert set(qv["block_0"]["attn"]) == {"q_proj", "v_proj"} and "mlp" not in qv["block_0"]
     with pytest.raises(ValueError, match="matched no kernel"):
         init_adapters(params, LoRAConfig(targets="nothing_here"), jax.random.key(0))
+    stray = {"block_9": ad["block_0"]}  # adapters of another (deeper) model
+    with pytest.raises(ValueError, match="match no dense layer"):
+        jax.eval_shape(lambda a: lora_apply(TINY, params, a, TOKENS, LoRAConfig(rank=4)), stray)
 
 
 def test_dropout_is_on_the_adapter_input_only(built):
