@@ -1,7 +1,8 @@
 """RTN: round every weight to the nearest point of its grid; no calibration data.
 
 The scale of each output channel (or group of ``group_size`` inputs) comes from the weights
-alone (absmax, min/max with ``asym``, or the MSE clip search with ``:mse``). ``w8a8`` is RTN
+alone: absmax on the full-range grid (``:narrow``: ``-qmax..qmax``), min/max with ``asym``,
+mean |w| for ``ternary`` / ``binary``, or the MSE clip search with ``:mse``. ``w8a8`` is RTN
 int8 weights served with dynamically quantized int8 activations.
 """
 
