@@ -85,10 +85,14 @@ TRANSFORMER_LOGICAL_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"(^|/)mlp/down_proj/kernel$", ("mlp", "embed")),
     (r"(^|/)lm_head/kernel$", ("embed", "vocab")),
     (r"norm/scale$", ("norm",)),
+    # the KV cache (nn.kv_cache.KVCache): k / v [B, T, KV, hd] (int4: hd / 2 bytes), scales
+    # [B, T, KV, 1]
+    (r"(^|/)layers/\d+/(k|v|k_scale|v_scale)$", ("batch", "length", "kv_heads", "head_dim")),
 )
-"""``(path regex, logical axes)`` of :class:`~jaxquant.nn.Transformer`'s params (first match
-wins; a QArray takes its logical tensor's axes). A leaf that no pattern matches, or whose rank
-differs, is replicated."""
+"""``(path regex, logical axes)`` of :class:`~jaxquant.nn.Transformer`'s params and KV cache
+(first match wins; a QArray takes its logical tensor's axes). A leaf that no pattern matches, or
+whose rank differs, is replicated. Optimizer states mirror the params' paths
+(``.../mu/block_0/attn/q_proj/kernel``), so they match the same patterns."""
 
 
 def parse_mesh_spec(spec: str | Mapping[str, int]) -> dict[str, int]:

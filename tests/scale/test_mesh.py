@@ -112,3 +112,36 @@ def test_sharded_serving_forward_equals_one_device(params):
     out = f(sharded, jax.device_put(TOKENS, batch_sharding(mesh)))
     ref = f(serve, TOKENS)
     np.testing.assert_allclose(out, ref, atol=1e-5 * float(np.abs(ref).max()), rtol=0)
+
+
+@pytest.mark.slow  # four decode compiles: ~40 s of CPU
+def test_sharded_prefill_and_decode_with_int8_kv_cache(params):
+    """TP-sharded int4 weights and an int8 KV cache split over batch and KV heads: the greedy
+    tokens equal one device's, and the cache stays sharded through the steps."""
+    from jaxquant.nn import decode_step, init_kv_cache, prefill
+
+    serve = params[1]
+    mesh = make_mesh("data=2,fsdp=2,tensor=2")
+    model = Transformer(QCFG, mode=QuantMode.SERVE)
+    prompt = TOKENS[:, :8]
+
+    def greedy(p, cache, prompt):
+        logits, cache = prefill(model, p, prompt, cache)
+        out, all_logits = [], []
+        for _ in range(4):
+            nxt = np.asarray(jax.numpy.argmax(logits[:, -1:], axis=-1), np.int32)
+            out.append(nxt)
+            all_logits.append(np.asarray(logits[:, -1]))
+            logits, cache = decode_step(model, p, jax.device_put(nxt, prompt.sharding), cache)
+        return np.concatenate(out, 1), np.stack(all_logits), cache
+
+    cache = init_kv_cache(QCFG, batch=8, max_len=16, qtype="int8")
+    ref_tokens, ref_logits, _ = greedy(serve, cache, jax.numpy.asarray(prompt))
+    tokens, logits, scache = greedy(shard_params(serve, mesh),
+                                    shard_params(cache, mesh),
+                                    jax.device_put(prompt, batch_sharding(mesh)))
+    k = scache.layers[1].k
+    want = jax.sharding.NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
+    assert k.sharding.is_equivalent_to(want, k.ndim), k.sharding
+    np.testing.assert_array_equal(tokens, ref_tokens)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4 * float(np.abs(ref_logits).max()))
