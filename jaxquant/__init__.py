@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from jaxquant.core import BackwardSpec as BackwardSpec
 from jaxquant.core import DotGeneralConfig as DotGeneralConfig
+from jaxquant.core import DoubleQuantArray as DoubleQuantArray
 from jaxquant.core import Layout as Layout
 from jaxquant.core import QArray as QArray
 from jaxquant.core import QKind as QKind
@@ -20,6 +21,7 @@ from jaxquant.core import compute_scale as compute_scale
 from jaxquant.core import dequantize as dequantize
 from jaxquant.core import dot_general as dot_general
 from jaxquant.core import dot_general_reference as dot_general_reference
+from jaxquant.core import double_quantize as double_quantize
 from jaxquant.core import einsum as einsum
 from jaxquant.core import fake_quant as fake_quant
 from jaxquant.core import fp8 as fp8
@@ -40,6 +42,7 @@ from jaxquant.core import weight_only as weight_only
 _LAZY = {
     "QuantRule": "jaxquant.nn.rules",
     "quantize_model": "jaxquant.nn.any_model",
+    "to_serving": "jaxquant.nn.any_model",
 }
 
 

@@ -28,19 +28,20 @@ API_MD = Path(__file__).resolve().parents[2] / "shared" / "API.md"
 # fmt: off
 SNAPSHOT: dict[str, tuple[str, ...]] = {
     "jaxquant": (
-        "BackwardSpec", "DotGeneralConfig", "Layout", "QArray", "QKind", "QType", "QuantRule",
-        "QuantSpec", "calibrate", "compute_scale", "dequantize", "dot_general",
-        "dot_general_reference", "einsum", "fake_quant", "fp8", "fully_quantized", "get_qtype",
-        "lsq_fake_quant", "lsq_init_scale", "make_dot_general", "pack", "quantize",
-        "quantize_model", "unpack", "w4a8", "w8a8", "weight_only",
+        "BackwardSpec", "DotGeneralConfig", "DoubleQuantArray", "Layout", "QArray", "QKind",
+        "QType", "QuantRule", "QuantSpec", "calibrate", "compute_scale", "dequantize",
+        "dot_general", "dot_general_reference", "double_quantize", "einsum", "fake_quant", "fp8",
+        "fully_quantized", "get_qtype", "lsq_fake_quant", "lsq_init_scale", "make_dot_general",
+        "pack", "quantize", "quantize_model", "to_serving", "unpack", "w4a8", "w8a8", "weight_only",
     ),
     "jaxquant.core": (
-        "BackwardSpec", "DotGeneralConfig", "EinsumSpec", "Layout", "QArray", "QKind", "QTYPES",
-        "QType", "QuantSpec", "calibrate", "check_finite", "compute_scale", "dequantize",
-        "dequantize_codes", "dot_general", "dot_general_reference", "einsum", "fake_quant", "fp8",
-        "fully_quantized", "gather_rows", "get_qtype", "lsq_fake_quant", "lsq_init_scale",
-        "make_dot_general", "operand_spec", "pack", "parse_einsum", "quantize", "quantize_codes",
-        "quantize_operand", "resolve_layout", "unpack", "w4a8", "w8a8", "weight_only",
+        "BackwardSpec", "DotGeneralConfig", "DoubleQuantArray", "EinsumSpec", "Layout", "QArray",
+        "QKind", "QTYPES", "QType", "QuantSpec", "calibrate", "check_finite", "compute_scale",
+        "dequantize", "dequantize_codes", "dot_general", "dot_general_reference", "double_quantize",
+        "einsum", "fake_quant", "fp8", "fully_quantized", "gather_rows", "get_qtype",
+        "lsq_fake_quant", "lsq_init_scale", "make_dot_general", "operand_spec", "pack",
+        "parse_einsum", "quantize", "quantize_codes", "quantize_operand", "resolve_layout",
+        "unpack", "w4a8", "w8a8", "weight_only",
     ),
     "jaxquant.nn": (
         "ActStats", "Attention", "Block", "KVCache", "LayerKVCache", "MLP", "QDense",
@@ -49,8 +50,8 @@ SNAPSHOT: dict[str, tuple[str, ...]] = {
         "act_stats_update", "adjacent_to_half", "apply_rope", "attend", "calibrate_model",
         "convert", "decode_step", "generate", "half_to_adjacent", "infer_contracting_axes",
         "init_kv_cache", "kv_cache_bytes", "match_rule", "param_bytes", "prefill",
-        "quantize_params", "quantized_interceptor", "sample", "serving_param_bytes",
-        "serving_params_shape", "static_scale", "to_serving",
+        "quantize_params", "quantized_interceptor", "read_rules", "restore_serving", "sample",
+        "save_serving", "serving_param_bytes", "serving_params_shape", "static_scale", "to_serving",
     ),
     "jaxquant.ptq": (
         "ALGORITHMS", "AWQ", "GPTQ", "GPTQConfig", "InputStats", "PTQAlgorithm", "PTQOptions",
@@ -60,8 +61,10 @@ SNAPSHOT: dict[str, tuple[str, ...]] = {
         "search_scale", "serving_config", "smooth_scales", "stats_init", "stats_update",
     ),
     "jaxquant.train": (
-        "TrainState", "init_train_state", "make_eval_step", "make_optimizer", "make_schedule",
-        "make_train_step", "next_token_loss",
+        "LoRAConfig", "LoRAState", "LoopConfig", "LoopResult", "TrainState", "WindowBatches",
+        "has_checkpoint", "init_lora", "init_lora_state", "init_train_state", "load_adapters",
+        "make_eval_step", "make_lora_train_step", "make_optimizer", "make_schedule",
+        "make_train_step", "merge_adapters", "next_token_loss", "save_adapters",
     ),
     "jaxquant.checkpoint": (
         "CheckpointManager", "FORMAT", "FORMAT_VERSION", "metadata", "restore", "save",

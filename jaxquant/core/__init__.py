@@ -57,8 +57,11 @@ from jaxquant.core.dot_general import (  # noqa: E402
     operand_spec,
     quantize_operand,
 )
+from jaxquant.core.double_quant import DoubleQuantArray, double_quantize  # noqa: E402
 
 __all__ += [
+    "DoubleQuantArray",
+    "double_quantize",
     "BackwardSpec",
     "DotGeneralConfig",
     "dot_general",

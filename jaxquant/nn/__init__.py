@@ -8,6 +8,9 @@ Train -> convert -> serve::
     logits = Transformer(model.cfg, mode=QuantMode.SERVE).apply({"params": serve_params}, tokens)
 """
 
+from jaxquant.nn.any_model import read_rules as read_rules
+from jaxquant.nn.any_model import restore_serving as restore_serving
+from jaxquant.nn.any_model import save_serving as save_serving
 from jaxquant.nn.any_model import to_serving as to_serving
 from jaxquant.nn.attention import Attention as Attention
 from jaxquant.nn.attention import attend as attend
