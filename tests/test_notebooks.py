@@ -76,6 +76,7 @@ def kernel_env():
         yield
 
 
+@pytest.mark.slow  # minutes of CPU on 2 cores; CI runs it in its slow pass
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
 def test_notebook_runs_in_a_kernel(path, kernel_env, tmp_path):
     import nbclient

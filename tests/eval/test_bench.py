@@ -24,6 +24,7 @@ def result():
                      llama=False)
 
 
+@pytest.mark.slow  # minutes of CPU on 2 cores; CI runs it in its slow pass
 def test_json_is_complete_and_serialisable(result, tmp_path):
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(result))
@@ -37,6 +38,7 @@ def test_json_is_complete_and_serialisable(result, tmp_path):
     assert "jq_w4a8_g128" in data["dot_general"]["shapes"][0]["results"]
 
 
+@pytest.mark.slow  # minutes of CPU on 2 cores; CI runs it in its slow pass
 def test_decode_ratios_come_from_the_measured_numbers(result):
     rows = result["decode"]["rows"]
     base = {(r["recipe"], r["kv_cache"], r["batch"]): r for r in rows}
@@ -56,6 +58,7 @@ def test_decode_ratios_come_from_the_measured_numbers(result):
     assert base["f32", "float", 1]["speedup_vs_f32"] == 1.0
 
 
+@pytest.mark.slow  # minutes of CPU on 2 cores; CI runs it in its slow pass
 def test_memory_and_goals(result):
     mem = {r["recipe"]: r for r in result["memory"]}
     assert mem["f32"]["bytes_per_param"] == 4.0 and mem["bf16"]["bytes_per_param"] == 2.0
@@ -98,6 +101,7 @@ def test_w_a8_recipes_quantize_every_activation_to_int8(name):
         assert rule.config.rhs.qtype == qtype and rule.config.rhs.group_size is not None
 
 
+@pytest.mark.slow  # minutes of CPU on 2 cores; CI runs it in its slow pass
 def test_goals_compare_the_fastest_4bit_row_with_llama_q4_0(result):
     fake = dict(result, llama_cpp={"rows": [{"format": "q4_0", "tokens_per_s": 10.0}]})
     rows = [r for r in result["decode"]["rows"] if r["batch"] == 1 and r["kv_cache"] == "float"

@@ -118,6 +118,7 @@ def test_resume_from_an_earlier_checkpoint_reproduces_the_run(run, tmp_path):
     assert res["perplexity"] == r["perplexity"]
 
 
+@pytest.mark.slow  # minutes of CPU on 2 cores; CI runs it in its slow pass
 def test_qlora_saves_adapters_and_serves_the_merged_model_requantized(tiny, tmp_path):
     from jaxquant.train.lora import init_lora, load_adapters, merge_adapters
 
