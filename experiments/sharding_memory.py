@@ -1,7 +1,7 @@
 """Per-device bytes of params + optimizer state + KV cache across mesh shapes, from XLA.
 
 For a LLaMA-shaped model (d_model 1024, 8 layers, 16 heads, 8 KV heads, ffn 4096, vocab
-32000: 159 M params) and each mesh, the script compiles, on abstract inputs (nothing is
+32000, untied head: 191 M params) and each mesh, the script compiles, on abstract inputs (nothing is
 allocated):
 
 * ``train_f32``: the AdamW training step (f32 params + two moments), batch 8 x 256;
