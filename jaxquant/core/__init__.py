@@ -58,10 +58,14 @@ from jaxquant.core.dot_general import (  # noqa: E402
     quantize_operand,
 )
 from jaxquant.core.double_quant import DoubleQuantArray, double_quantize  # noqa: E402
+from jaxquant.core.sharding import ShardingError, local_qarray, qarray_partition_specs  # noqa: E402
 
 __all__ += [
     "DoubleQuantArray",
     "double_quantize",
+    "ShardingError",
+    "local_qarray",
+    "qarray_partition_specs",
     "BackwardSpec",
     "DotGeneralConfig",
     "dot_general",

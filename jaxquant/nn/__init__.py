@@ -29,6 +29,9 @@ from jaxquant.nn.linear import QDense as QDense
 from jaxquant.nn.linear import QDenseGeneral as QDenseGeneral
 from jaxquant.nn.linear import QEinsum as QEinsum
 from jaxquant.nn.linear import QEmbed as QEmbed
+from jaxquant.nn.mesh import make_mesh as make_mesh
+from jaxquant.nn.mesh import param_shardings as param_shardings
+from jaxquant.nn.mesh import shard_params as shard_params
 from jaxquant.nn.modes import ActStats as ActStats
 from jaxquant.nn.modes import QuantMode as QuantMode
 from jaxquant.nn.modes import StaticActivation as StaticActivation

@@ -13,6 +13,7 @@ from jaxquant.train.lora import load_adapters as load_adapters
 from jaxquant.train.lora import make_lora_train_step as make_lora_train_step
 from jaxquant.train.lora import merge_adapters as merge_adapters
 from jaxquant.train.lora import save_adapters as save_adapters
+from jaxquant.train.sharding import shard_train_step as shard_train_step
 from jaxquant.train.step import TrainState as TrainState
 from jaxquant.train.step import init_train_state as init_train_state
 from jaxquant.train.step import make_eval_step as make_eval_step
