@@ -143,6 +143,18 @@ def in_domain(row: dict, corpus: str) -> bool:
         row["recipe"].split(":")[0] not in ("rtn",)
 
 
+def grid(row: dict) -> str:
+    """``"full"`` or ``"narrow"``: the int grid a row's recipe used. Rows measured before the
+    full grid became the recipes' default (commit 420208d, the start of this study) used the
+    narrow one unless they said ``:full``; later rows use the full one unless they say
+    ``:narrow``."""
+    if row["recipe"].endswith(":full"):
+        return "full"
+    if row["recipe"].endswith(":narrow"):
+        return "narrow"
+    return "narrow" if row["environment"]["commit"].startswith("420208d") else "full"
+
+
 def recovery(rows: list[dict]) -> dict[str, dict[str, float]]:
     """``{label: {corpus: share of RTN int4 g128's perplexity loss removed}}``; corpora the row
     calibrated on are left out of its held-out figures."""
@@ -151,7 +163,7 @@ def recovery(rows: list[dict]) -> dict[str, dict[str, float]]:
         return {}
     out = {}
     for r in rows:
-        rtn = "rtn-full" if r["recipe"].endswith(":full") else "rtn"
+        rtn = "rtn-full" if grid(r) == "full" else "rtn"
         if r["recipe"].startswith(("gptq", "awq", "rtn:int4:g128:mse")) and rtn in by:
             out[r["label"]] = {c: (by[rtn][c] - r["perplexity"][c])
                                / (by[rtn][c] - by["fp32"][c]) for c in CORPORA}
@@ -169,7 +181,9 @@ def report(path: Path) -> str:
         p = r["perplexity"]
         cal = f"{r['calib']} {r['windows']}x512 s{r['seed']}" if r["recipe"] not in (
             "fp32", "rtn:int4:g128", "rtn:int4:g128:mse", "rtn:int4:g128:full") else "-"
-        line = (f"| {r['label']} ({r['recipe']}) | {r['knob']} | {cal} | {p['ptb']:.3f} | "
+        name = r["recipe"] if r["recipe"] in ("fp32", "smoothquant") else \
+            f"{r['recipe'].removesuffix(':full')}, {grid(r)} grid"
+        line = (f"| {r['label']} ({name}) | {r['knob']} | {cal} | {p['ptb']:.3f} | "
                 f"{p['shakespeare']:.3f} | {p['kjv']:.3f} |")
         if r["label"] in rec:
             held = [rec[r["label"]][c] for c in HELDOUT if not in_domain(r, c)]
