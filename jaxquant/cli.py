@@ -232,6 +232,10 @@ def _cmd_demo(args) -> int:
                              heldout=_heldout(args))
     table = tasks.markdown_table(result["rows"])
     print("\n" + table)
+    if (best := result.get("recommended")) is not None:
+        print(f"\nrecommended at <= 5 bits/weight: {best['recipe']} "
+              f"({best['bits_per_weight']:.2f} bits/weight; ranked by {best['by']}: "
+              f"{best['score']:.3f})")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path = args.json or str(out / "demo.json")

@@ -241,7 +241,8 @@ def demo_rows(
         add_recovery(rows)
         return {"model": model.name, "dataset": dataset, "heldout": list(heldout),
                 "calib_data": calib_data or dataset, "budget": dataclasses.asdict(budget),
-                "seed": seed, "rows": rows, "environment": environment()}
+                "seed": seed, "rows": rows, "recommended": recommend(rows),
+                "environment": environment()}
     for text in recipes:
         recipe = parse_recipe(text)
         t0 = time.perf_counter()
@@ -268,6 +269,37 @@ def demo_rows(
         if on_row is not None:
             on_row(result())
     return result()
+
+
+def recommend(rows: list[dict[str, Any]], max_bits: float = 5.0) -> dict[str, Any] | None:
+    """The recipe of at most ``max_bits`` bits per weight that the demo recommends: the lowest
+    mean log perplexity over the held-out texts (text the calibration never saw; issue 19),
+    or over the in-domain test split when no row has held-out scores. Ties go to the smaller
+    model. None when no row qualifies.
+
+    Returns:
+      ``{"recipe", "bits_per_weight", "score": geometric-mean perplexity, "by": what it was
+      ranked on}``.
+    """
+    rows = [r for r in rows if r.get("bits_per_weight", 99) <= max_bits]
+    held = [r for r in rows if r.get("heldout")]
+    if held:
+        names = sorted(set.intersection(*(set(r["heldout"]) for r in held)))
+        held = [r for r in held if names]
+    if held:
+        by = f"held-out texts ({', '.join(names)}): geometric-mean perplexity"
+        score = {id(r): float(np.mean([np.log(r["heldout"][n]) for n in names])) for r in held}
+        pool = held
+    else:
+        by = "in-domain test split perplexity (no held-out scores)"
+        score = {id(r): float(np.log(r["perplexity"])) for r in rows}
+        pool = rows
+    pool = [r for r in pool if np.isfinite(score[id(r)])]
+    if not pool:
+        return None
+    best = min(pool, key=lambda r: (score[id(r)], r.get("model_bytes", 0)))
+    return {"recipe": best["recipe"], "bits_per_weight": best["bits_per_weight"],
+            "score": float(np.exp(score[id(best)])), "by": by}
 
 
 def _calibrated_weight_method(method: str) -> bool:

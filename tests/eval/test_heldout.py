@@ -84,3 +84,29 @@ def _write(tmp_path):
     path = tmp_path / "in_domain.txt"
     path.write_text("the quick brown fox " * 40)
     return path
+
+
+def _scored(recipe, bits, ppl, heldout=None, size=1.0):
+    return {"recipe": recipe, "bits_per_weight": bits, "perplexity": ppl, "model_bytes": size,
+            **({"heldout": heldout} if heldout is not None else {})}
+
+
+def test_recommendation_ranks_by_held_out_text_not_the_calibration_domain():
+    rows = [
+        _scored("fp32", 32.0, 40.0, {"a": 30.0, "b": 10.0}),      # too many bits
+        _scored("gptq:int4:g128", 4.5, 50.0, {"a": 48.0, "b": 15.0}),   # best in-domain only
+        _scored("rtn:int4:g128", 4.5, 60.0, {"a": 45.0, "b": 14.0}),    # best held out
+        _scored("rtn:int3:g128", 3.5, 300.0, {"a": 150.0, "b": 90.0}),
+    ]
+    best = tasks.recommend(rows)
+    assert best["recipe"] == "rtn:int4:g128"
+    assert best["score"] == pytest.approx(np.sqrt(45.0 * 14.0))
+    assert "held-out" in best["by"]
+    # Without held-out scores it falls back to the in-domain split, and says so.
+    plain = [{k: v for k, v in r.items() if k != "heldout"} for r in rows]
+    best = tasks.recommend(plain)
+    assert best["recipe"] == "gptq:int4:g128" and "in-domain" in best["by"]
+    # A NaN perplexity is never recommended; nothing under the bit budget gives None.
+    rows[2]["heldout"]["a"] = float("nan")
+    assert tasks.recommend(rows)["recipe"] == "gptq:int4:g128"
+    assert tasks.recommend(rows, max_bits=2.0) is None
