@@ -216,6 +216,7 @@ def _int_dots(jaxpr: str) -> list[str]:
     return [ln.split("=")[0].strip() for ln in jaxpr.splitlines() if "dot_general" in ln]
 
 
+@pytest.mark.slow  # 20-45 s on 2 cores; CI runs it in its slow pass
 def test_linen_attention_products_are_int8_and_train_equals_serve():
     x = jax.random.normal(jax.random.key(1), (2, 6, 32))
     model = ViT()
@@ -265,6 +266,7 @@ class NnxBlock(nnx.Module):
         return self.out((x + self.attn(x, mask=nnx.make_causal_mask(x[..., 0]))).mean(1))
 
 
+@pytest.mark.slow  # 20-45 s on 2 cores; CI runs it in its slow pass
 def test_nnx_attention_fn_is_nnx_attention_and_its_products_quantize():
     q, k, v = (jax.random.normal(jax.random.key(i), (2, 6, 4, 8)) for i in range(3))
     float_plan = LayerPlan(

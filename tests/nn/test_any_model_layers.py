@@ -37,6 +37,7 @@ class Layers(nn.Module):
         return t.sum() + nn.Embed(10, 24, name="emb")(jnp.arange(4)).sum()
 
 
+@pytest.mark.slow  # 20-45 s on 2 cores; CI runs it in its slow pass
 def test_linen_layer_forms_and_adapted_groups():
     x = jax.random.normal(jax.random.key(1), (2, 6, 6, 12))
     plans, params, qmodel = _linen_round_trip(Layers(), x)

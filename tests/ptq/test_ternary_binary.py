@@ -42,6 +42,7 @@ def test_recipes_parse_round_trip_and_use_absmean(recipe):
     assert rhs.group_size == 64 and not rhs.full_range
 
 
+@pytest.mark.slow  # 20-45 s on 2 cores; CI runs it in its slow pass
 @pytest.mark.parametrize("qtype", ["ternary", "binary"])
 def test_gptq_uses_absmean_group_scales_and_beats_rtn(qtype):
     x, w = _correlated()

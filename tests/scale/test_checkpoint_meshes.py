@@ -30,6 +30,7 @@ def saved(tmp_path_factory):
     return serve, path
 
 
+@pytest.mark.slow  # 20-45 s on 2 cores; CI runs it in its slow pass
 @pytest.mark.parametrize(
     ("spec", "n_devices"),
     [("tensor=4", 4), ("data=1", 1), ("tensor=8", 8)],
