@@ -36,7 +36,6 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
-import math
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -51,6 +50,7 @@ from jaxquant.core.dot_config import fully_quantized
 from jaxquant.core.qtypes import QTYPES, canonical_qtype
 from jaxquant.errors import JaxquantError
 from jaxquant.eval import tasks
+from jaxquant.eval.plots import plot_training_curve
 from jaxquant.models.registry import LoadedModel
 from jaxquant.models.saved import save_quantized
 from jaxquant.nn.config import TransformerConfig
@@ -597,42 +597,6 @@ def finetune(
         "train_seconds": run.seconds, "wall_seconds": time.perf_counter() - t0,
         "environment": tasks.environment(),
     }
-
-
-def plot_training_curve(losses, path, *, title: str = "") -> Path:
-    """The loss per step (and its running mean) with the perplexity scale on the right; a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    losses = np.asarray(losses, np.float64)
-    steps = np.arange(1, losses.size + 1)
-    k = max(1, losses.size // 20)
-    smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(steps, losses, lw=0.8, alpha=0.4, label="train loss (per step)")
-    if k > 1:
-        ax.plot(steps[k - 1:], smooth, lw=1.6, label=f"running mean over {k} steps")
-    ax.set_xlabel("step")
-    ax.set_ylabel("next-token loss (nats)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
-    right = ax.twinx()
-    lo, hi = ax.get_ylim()
-    right.set_ylim(lo, hi)
-    ticks = ax.get_yticks()
-    ticks = ticks[(ticks >= lo) & (ticks <= hi)]
-    right.set_yticks(ticks)
-    right.set_yticklabels([f"{math.exp(t):.3g}" for t in ticks])
-    right.set_ylabel("train perplexity")
-    ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def write_plot(result: dict, json_path: str | Path | None) -> Path:
