@@ -223,7 +223,8 @@ def _cmd_demo(args) -> int:
     budget = tasks.DemoBudget(eval_tokens=None if args.full else args.max_tokens,
                               calib_windows=args.calib_windows, calib_len=args.calib_len)
     print(f"jaxquant demo: {args.model} on PTB. Calibration: {budget.calib_windows} x "
-          f"{budget.calib_len} PTB-train tokens (seed {args.seed}); evaluation: "
+          f"{budget.calib_len} tokens of {args.calib_data or 'ptb+shakespeare+kjv'} (train "
+          f"splits; seed {args.seed}); evaluation: "
           f"{'the full PTB test split' if budget.eval_tokens is None else f'the first {budget.eval_tokens} PTB-test tokens'} "
           f"in {budget.seq_len}-token windows. --full evaluates the whole split.")
     model = load(args.model)
@@ -303,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="ptb | shakespeare | kjv | path to a text file")
         if calib:
             p.add_argument("--calib-data", help="calibration set: ptb | a text file | a mix "
-                           "such as ptb+shakespeare+kjv (train splits only; default: --data)")
+                           "such as ptb+kjv (train splits only; default: ptb+shakespeare+kjv "
+                           "for a named --data, the file itself for a text file)")
             p.add_argument("--calib-windows", type=int, default=128)
             p.add_argument("--calib-len", type=int, default=512)
         p.add_argument("--seed", type=int, default=0)
@@ -312,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the main job: PTQ recipes on SmolLM2-135M, PTB perplexity")
     common(demo, data=False, calib=False)
     demo.add_argument("--full", action="store_true", help="evaluate the full PTB test split")
-    demo.add_argument("--calib-data", default="ptb", help="calibration set (see `eval --help`)")
+    demo.add_argument("--calib-data", help="calibration set (default ptb+shakespeare+kjv, the "
+                      "train splits; see `eval --help`)")
     demo.add_argument("--heldout", default="shakespeare,kjv",
                       help="held-out texts scored next to PTB test (comma-separated, or none)")
     demo.add_argument("--max-tokens", type=int, default=8192, help="PTB-test tokens per recipe")

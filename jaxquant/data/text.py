@@ -76,6 +76,24 @@ DATASETS: dict[str, Callable[[str], str]] = {
 # The texts every perplexity is reported on: PTB test in-domain, two held-out domains.
 EVAL_SETS = ("ptb", "shakespeare", "kjv")
 HELD_OUT_SPLITS = ("test", "valid")
+# What calibrated PTQ uses when no calibration set is given: the train splits of all three
+# domains. Issue 19's study (experiments/RESULTS.md) chose it: GPTQ calibrated on PTB alone makes
+# the held-out texts worse than RTN, while a mix transfers, even to a domain it lacks (measured
+# leave-one-out). The scored test slices are never part of it (:func:`calibration_sources`).
+DEFAULT_CALIBRATION = "ptb+shakespeare+kjv"
+
+
+def default_calibration(dataset: str | os.PathLike) -> str:
+    """The calibration set for scoring on ``dataset`` when none is given:
+    :data:`DEFAULT_CALIBRATION` for a named data set, the text file itself for a file (a user's
+    own domain).
+
+    Example:
+      >>> default_calibration("ptb")
+      'ptb+shakespeare+kjv'
+    """
+    name = str(dataset).strip().lower()
+    return DEFAULT_CALIBRATION if name in DATASETS else str(dataset)
 
 
 def calibration_sources(spec: str) -> list[tuple[str, str]]:

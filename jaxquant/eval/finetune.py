@@ -253,7 +253,7 @@ class QATMethod(FinetuneMethod):
             return Prepared(train_cfg, model.params, {"init": config.init})
         recipe = Recipe(method="gptq", qtype=self.qtype, group_size=self.group_size)
         _, qparams, info = tasks.quantize(model, recipe, dataset=dataset,
-                                          calib_data=config.calib_data,
+                                          calib_data=config.calib_data or dataset,
                                           calib_windows=config.calib_windows,
                                           calib_len=config.calib_len, seed=config.seed,
                                           progress=progress)
@@ -364,7 +364,7 @@ class LoRAMethod(FinetuneMethod):
             return prepared.train_cfg, merged, {"requant": None}
         merged_model = LoadedModel(model.name, model.cfg, merged, model.tokenizer)
         cfg, params, info = tasks.quantize(merged_model, recipe, dataset=dataset,
-                                           calib_data=config.calib_data,
+                                           calib_data=config.calib_data or dataset,
                                            calib_windows=config.calib_windows,
                                            calib_len=config.calib_len, seed=config.seed,
                                            progress=progress)

@@ -239,7 +239,10 @@ def quantize(model: LoadedModel, recipe, scale: Scale, *, dataset: str = "ptb",
     calib = None
     if recipe.algorithm(options).calibrated:
         calib_len = min(calib_len, model.cfg.max_seq_len)
-        calib, info["calibration"] = tasks.calibration_set(model, calib_data or dataset,
+        from jaxquant.data import default_calibration
+
+        calib_data = calib_data or default_calibration(dataset)
+        calib, info["calibration"] = tasks.calibration_set(model, calib_data,
                                                            calib_windows, calib_len, seed)
         info["options"] = dataclasses.asdict(options)
         sharding = batch_sharding(scale.mesh, 2)

@@ -114,7 +114,8 @@ def quantize(
     options = options or PTQOptions()
     if recipe.algorithm(options).calibrated:
         calib_len = min(calib_len, model.cfg.max_seq_len)
-        calib, info["calibration"] = calibration_set(model, calib_data or dataset,
+        calib_data = calib_data or data.default_calibration(dataset)
+        calib, info["calibration"] = calibration_set(model, calib_data,
                                                      calib_windows, calib_len, seed)
     if calib is not None:
         info["options"] = dataclasses.asdict(options)
@@ -240,7 +241,8 @@ def demo_rows(
     def result():
         add_recovery(rows)
         return {"model": model.name, "dataset": dataset, "heldout": list(heldout),
-                "calib_data": calib_data or dataset, "budget": dataclasses.asdict(budget),
+                "calib_data": calib_data or data.default_calibration(dataset),
+                "budget": dataclasses.asdict(budget),
                 "seed": seed, "rows": rows, "recommended": recommend(rows),
                 "environment": environment()}
     for text in recipes:

@@ -44,7 +44,7 @@ def test_ptq_checkpoint_then_eval_matches_on_the_fly(tmp_path):
 
 def test_ptq_gptq_options_reach_the_algorithm(tmp_path, capsys):
     out = tmp_path / "p.json"
-    common = ("--model", "tiny", "--calib-windows", "2", "--calib-len", "32", "--method", "gptq",
+    common = ("--model", "tiny", "--calib-windows", "3", "--calib-len", "32", "--method", "gptq",
               "--qtype", "int4", "--group-size", "32")
     assert _run("ptq", *common, "--mse", "--no-act-order", "--no-true-sequential",
                 "--damp", "0.05", "--json", str(out)) == 0
@@ -52,6 +52,9 @@ def test_ptq_gptq_options_reach_the_algorithm(tmp_path, capsys):
     assert r["recipe"] == "gptq:int4:g32:mse"
     assert r["options"]["gptq"] == {"damp": 0.05, "block_size": 128, "act_order": False}
     assert r["options"]["true_sequential"] is False
+    # No --calib-data: the default mix, one train split per domain, never a test slice.
+    assert [(s["data"], s["split"]) for s in r["calibration"]["sources"]] == [
+        ("ptb", "train"), ("shakespeare", "train"), ("kjv", "train")]
     assert _run("ptq", *common, "--damp", "1.5") == 2
     assert "damp must be in [0, 1)" in capsys.readouterr().err
 

@@ -90,3 +90,15 @@ def test_calibration_never_uses_a_held_out_slice(tmp_path):
     text = tmp_path / "mine.txt"
     text.write_text("hello")
     assert calibration_sources(f"ptb+{text}") == [("ptb", "train"), (str(text), "file")]
+
+
+def test_default_calibration_mixes_the_train_splits_of_every_domain(tmp_path):
+    from jaxquant.data import DATASETS, DEFAULT_CALIBRATION, default_calibration
+
+    for name in DATASETS:
+        assert default_calibration(name) == DEFAULT_CALIBRATION
+    assert sorted(n for n, _ in calibration_sources(DEFAULT_CALIBRATION)) == sorted(DATASETS)
+    assert {split for _, split in calibration_sources(DEFAULT_CALIBRATION)} == {"train"}
+    text = tmp_path / "mine.txt"
+    text.write_text("hello")
+    assert default_calibration(str(text)) == str(text)  # a user's own text calibrates itself
