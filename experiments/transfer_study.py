@@ -93,6 +93,7 @@ VARIANTS = (
     Variant(label="smoothquant-mix3", recipe="smoothquant", calib=MIX3, knob="mix3"),
     Variant(label="gptq-mix3-s2", recipe=G4, calib=MIX3, seed=2, knob="mix3"),
     Variant(label="awq+gptq-mix3-s0", recipe="awq+gptq:int4:g128", calib=MIX3, knob="mix3"),
+    Variant(label="gptq-mix3-w128", recipe=G4, calib=MIX3, windows=128, knob="mix3 size"),
     Variant(label="gptq-mse-mix-noshakespeare-s0", recipe=G4 + ":mse", calib="ptb+kjv",
             knob="corpus+mse"),
     Variant(label="gptq-mse-mix-nokjv-s0", recipe=G4 + ":mse", calib="ptb+shakespeare",
