@@ -89,10 +89,11 @@ VARIANTS = (
     # with seeds for its spread; leave-one-out rows above measure it on unseen domains.
     Variant(label="gptq-mix3-s0", recipe=G4, calib=MIX3, knob="mix3"),
     Variant(label="awq-mix3-s0", recipe="awq:int4:g128", calib=MIX3, knob="mix3"),
+    Variant(label="gptq-mix3-damp0.1", recipe=G4, calib=MIX3, damp=0.1, knob="mix3 damp"),
+    Variant(label="awq+gptq-mix3-s0", recipe="awq+gptq:int4:g128", calib=MIX3, knob="mix3"),
     Variant(label="gptq-mix3-s1", recipe=G4, calib=MIX3, seed=1, knob="mix3"),
     Variant(label="smoothquant-mix3", recipe="smoothquant", calib=MIX3, knob="mix3"),
     Variant(label="gptq-mix3-s2", recipe=G4, calib=MIX3, seed=2, knob="mix3"),
-    Variant(label="awq+gptq-mix3-s0", recipe="awq+gptq:int4:g128", calib=MIX3, knob="mix3"),
     Variant(label="gptq-mix3-w128", recipe=G4, calib=MIX3, windows=128, knob="mix3 size"),
     Variant(label="gptq-mse-mix-noshakespeare-s0", recipe=G4 + ":mse", calib="ptb+kjv",
             knob="corpus+mse"),
