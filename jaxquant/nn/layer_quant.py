@@ -29,7 +29,7 @@ from jax import lax
 
 from jaxquant.core import QArray, QKind, QuantSpec, fake_quant, gather_rows, get_qtype, quantize
 from jaxquant.core.dot_config import DotGeneralConfig
-from jaxquant.core.dot_general import dot_general, einsum, operand_spec, quantize_operand
+from jaxquant.core.dot_general import dot_general, einsum, operand_spec
 
 SUPPORTED = (
     "Dense, DenseGeneral, Einsum, Conv, Embed, MultiHeadDotProductAttention (linen); Linear, "
@@ -124,21 +124,34 @@ class LayerPlan:
         return None if self.config.rhs is None else self.config.rhs.group_size
 
     def weight_spec(self) -> QuantSpec | None:
-        """The full spec of the kernel (axes resolved), or None when weights stay float."""
+        """The full spec of the kernel (axes resolved), or None when weights stay float.
+
+        Dot layers: :func:`~jaxquant.core.dot_general.operand_spec` of the contracting axes
+        (what ``quantize_operand`` uses); conv: a scale per output channel (and per group of
+        input channels).
+        """
         rhs = self.config.rhs
         if rhs is None:
             return None
+        nd = len(self.kernel_shape)
         if self.op is Op.CONV:
-            nd = len(self.kernel_shape)
             return dataclasses.replace(
                 rhs, channel_axes=(nd - 1,), group_axis=nd - 2 if rhs.group_size else None
             )
-        return None  # dot layers: quantize_operand derives it from the contracting axes
+        return operand_spec(rhs, nd, self.contracting_axes)
 
-    def quantize_kernel(self, kernel: jax.Array) -> jax.Array | QArray:
+    def quantize_kernel(
+        self, kernel: jax.Array, *, scale: jax.Array | None = None, zero_point=None
+    ) -> jax.Array | QArray:
         """The serving kernel: a packed :class:`QArray` (the float kernel if weights stay float).
 
         Exactly what the training forward computes with, so serving reproduces it.
+
+        Args:
+          kernel: the float kernel, :attr:`kernel_shape`.
+          scale: None (round to nearest: the scale from the kernel), or a precomputed scale of
+            :meth:`weight_spec`'s layout (GPTQ's, with ``kernel`` already on its grid).
+          zero_point: with ``scale``, for asymmetric formats.
         """
         if tuple(np.shape(kernel)) != self.kernel_shape:
             raise ValueError(
@@ -148,9 +161,7 @@ class LayerPlan:
         if self.config.rhs is None:
             return kernel
         kernel = jnp.asarray(kernel)
-        if self.op is Op.CONV:
-            return quantize(kernel, self.weight_spec())
-        return quantize_operand(kernel, self.config.rhs, self.contracting_axes)
+        return quantize(kernel, self.weight_spec(), scale=scale, zero_point=zero_point)
 
     def to_dict(self) -> dict:
         """A JSON-safe summary (what a saved model is checked against on restore)."""

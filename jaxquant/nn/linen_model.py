@@ -107,6 +107,16 @@ def convert_linen(qmodel: nn.Module, variables: Mapping) -> dict:
     return {**dict(variables), "params": traverse_util.unflatten_dict(flat)}
 
 
+def float_linen(qmodel: nn.Module) -> nn.Module:
+    """The float model ``qmodel`` was made from: the user's class with ``qmodel``'s fields
+    (same param tree; its forward is the author's, unquantized)."""
+    if not is_quantized_linen(qmodel):
+        raise ValueError(
+            f"{type(qmodel).__name__} is not a model from jq.quantize_model; quantize it first."
+        )
+    return _clone_as(qmodel, type(qmodel)._jaxquant_base)
+
+
 # --- the subclass ------------------------------------------------------------------------------
 
 

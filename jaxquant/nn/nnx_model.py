@@ -11,6 +11,7 @@ QArrays held by :class:`QKernel` variables.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -236,13 +237,20 @@ def layer_plans(qmodel: nnx.Module) -> dict[str, LayerPlan]:
     return out
 
 
-def to_serving_nnx(qmodel: nnx.Module) -> nnx.Module:
+def to_serving_nnx(qmodel: nnx.Module, kernels: Mapping[str, QArray] | None = None) -> nnx.Module:
     """A serving copy of a quantized NNX model: each quantized kernel a packed QArray in a
     :class:`QKernel` (no float copy), run by the same hooks. ``qmodel`` is unchanged.
+
+    Args:
+      qmodel: a model from ``quantize_model``.
+      kernels: ``{path: QArray}`` kernels already quantized (by GPTQ, laid out as
+        ``LayerPlan.quantize_kernel`` lays them out) used instead of rounding those layers'
+        float kernels to nearest.
 
     Raises:
       ValueError: when ``qmodel`` has no quantized layer (not from ``quantize_model``).
     """
+    kernels = dict(kernels or {})
     s = nnx.clone(qmodel)
     plans = layer_plans(s)
     if not plans:
@@ -260,7 +268,16 @@ def to_serving_nnx(qmodel: nnx.Module) -> nnx.Module:
         weight = getattr(node, plan.weight_name)
         if isinstance(weight, QKernel):
             continue
-        setattr(node, plan.weight_name, QKernel(plan.quantize_kernel(weight.get_value())))
+        q = kernels.pop(path, None)
+        if q is None:
+            q = plan.quantize_kernel(weight.get_value())
+        elif tuple(q.shape) != plan.kernel_shape:
+            raise ValueError(f"{path}: kernels[{path!r}] has shape {tuple(q.shape)}, the layer "
+                             f"expects {plan.kernel_shape}.")
+        setattr(node, plan.weight_name, QKernel(q))
         if plan.op is not Op.EMBED:
             node.promote_dtype = promote_keep_qarray
+    if kernels:
+        raise ValueError(f"to_serving: kernels given for layers that are not quantized float "
+                         f"layers of this model: {sorted(kernels)}.")
     return s

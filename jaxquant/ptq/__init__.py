@@ -4,6 +4,8 @@
 params for ``Transformer(serve_cfg, QuantMode.SERVE)``; the layer-level algorithms work on any
 kernel ``[d_in, d_out]`` and its input statistics. Each algorithm is one file implementing
 :class:`PTQAlgorithm`, registered by its recipe method in :data:`ALGORITHMS`.
+:func:`calibrate_and_convert` is GPTQ for any model ``jq.quantize_model`` handles (linen or NNX;
+Dense, DenseGeneral, Einsum, Conv).
 """
 
 from jaxquant.ptq.algorithm import PTQAlgorithm as PTQAlgorithm
@@ -11,6 +13,7 @@ from jaxquant.ptq.algorithm import SiteInputs as SiteInputs
 from jaxquant.ptq.algorithm import Stat as Stat
 from jaxquant.ptq.algorithm import compose as compose
 from jaxquant.ptq.algorithm import effective_group as effective_group
+from jaxquant.ptq.any_model import calibrate_and_convert as calibrate_and_convert
 from jaxquant.ptq.awq import AWQ as AWQ
 from jaxquant.ptq.awq import clip_quantize as clip_quantize
 from jaxquant.ptq.awq import search_scale as search_scale

@@ -1,0 +1,438 @@
+"""Calibrated PTQ (GPTQ) of any model :func:`jaxquant.quantize_model` handles.
+
+``jq.quantize_model(model, rules, *inputs)`` makes a Flax linen or NNX model quantization-aware,
+and ``to_serving`` rounds its kernels to nearest. :func:`calibrate_and_convert` is ``to_serving``
+with GPTQ: it runs the model's own *float* forward on calibration batches, captures the input of
+every quantized ``Dense`` / ``DenseGeneral`` / ``Einsum`` / ``Conv`` (linen: an
+``nn.intercept_methods`` interceptor; NNX: the layers' own ``dot_general`` / ``einsum_op`` /
+``conv_general_dilated`` hooks), accumulates each layer's Hessian ``H = 2 X^T X / n`` on the
+layer's matrix view (:mod:`jaxquant.ptq.kernel_view`: N-D kernels flattened along their
+contracting axes, convolutions as im2col patches), and quantizes the kernel with the GPTQ solver
+(:func:`~jaxquant.ptq.gptq.gptq_quantize`) under the layer's own plan (format, group size
+adapted to the layer). The result is laid out exactly as ``to_serving`` lays it out, so the model
+serves it unchanged. All layers' statistics come from one float pass (one-shot).
+
+Layers GPTQ does not apply to (embeddings, attention products) are converted as ``to_serving``
+converts them.
+
+Example (linen)::
+
+    qmodel = jq.quantize_model(model, rules, x)
+    variables = model.init(key, x)
+    serving = calibrate_and_convert(qmodel, variables, [(x1,), (x2,)])   # GPTQ
+    y = qmodel.apply(serving, x)
+
+Example (NNX)::
+
+    qmodel = jq.quantize_model(model, rules, x)
+    served = calibrate_and_convert(qmodel, [(x1,), (x2,)])
+    y = served(x)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from jaxquant.core import QArray
+from jaxquant.core.dot_general import quantize_operand
+from jaxquant.core.qtypes import QKind, get_qtype
+from jaxquant.nn.any_model import layer_plans
+from jaxquant.nn.layer_quant import LayerPlan, Op
+from jaxquant.nn.linen_model import convert_linen, float_linen
+from jaxquant.nn.rules import module_path
+from jaxquant.ptq.gptq import GPTQConfig, gptq_quantize
+from jaxquant.ptq.hessian import InputStats, hessian, stats_init, stats_update
+from jaxquant.ptq.kernel_view import (
+    LayerCallError,
+    conv_rows,
+    dot_rows,
+    einsum_rows,
+    from_matrix,
+    matrix_spec,
+    matrix_view,
+    scale_to_kernel,
+    to_matrix,
+)
+
+METHODS = ("rtn", "gptq")
+_GPTQ_DEFAULT = GPTQConfig()
+_HOOKS = {Op.DOT: "dot_general", Op.CONV: "conv_general_dilated", Op.EINSUM: "einsum_op"}
+
+
+def calibrate_and_convert(
+    qmodel,
+    *args,
+    method: str = "gptq",
+    gptq: GPTQConfig = _GPTQ_DEFAULT,
+    call_kwargs: Mapping | None = None,
+):
+    """Serving form of a quantized model, its kernels quantized by GPTQ on calibration data.
+
+    linen: ``calibrate_and_convert(qmodel, variables, calib_batches)`` returns serving variables
+    (as ``to_serving(qmodel, variables)`` does). NNX: ``calibrate_and_convert(qmodel,
+    calib_batches)`` returns a serving copy (as ``to_serving(qmodel)`` does).
+
+    Args:
+      qmodel: a model from :func:`jaxquant.quantize_model`.
+      *args: linen: ``(variables, calib_batches)``; NNX: ``(calib_batches,)``.
+        ``calib_batches`` is an iterable of tuples of positional inputs of the model's
+        ``__call__`` (``[(x1,), (x2,)]``; ``None`` is allowed with ``method="rtn"``).
+      method: ``"gptq"``, or ``"rtn"`` (round to nearest through the same matrix views: the
+        same params as ``to_serving``).
+      gptq: :class:`~jaxquant.ptq.gptq.GPTQConfig` (damp, block size, act order).
+      call_kwargs: keyword arguments of every calibration call (e.g. ``{"train": False}``).
+
+    Returns:
+      linen: serving variables for ``qmodel.apply``; NNX: the serving module.
+
+    Raises:
+      ValueError: an unknown method, an empty or malformed ``calib_batches``, a batch the
+        model's forward rejects, a quantized layer no batch reaches, or a layer GPTQ cannot
+        quantize (non-int weights, a kernel with batch axes).
+    """
+    linen = isinstance(qmodel, nn.Module)
+    variables, batches = _split_args(linen, args)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    if not isinstance(gptq, GPTQConfig):
+        raise ValueError(f"gptq must be a GPTQConfig, got {type(gptq).__name__}.")
+    plans = layer_plans(qmodel)
+    targets = {
+        p: plan
+        for p, plan in plans.items()
+        if plan.op in (Op.DOT, Op.EINSUM, Op.CONV) and plan.config.rhs is not None
+    }
+    stats = None
+    if method == "gptq":
+        for plan in targets.values():
+            if get_qtype(plan.config.rhs.qtype).kind is not QKind.INT:
+                raise ValueError(
+                    f"{plan.path}: GPTQ needs intN weights, this layer's rule asks for "
+                    f"{plan.config.rhs.qtype}. Use method='rtn', or an int format for it."
+                )
+        if batches is None:
+            raise ValueError("method='gptq' needs calib_batches (tuples of model inputs).")
+        stats = _measure(qmodel, variables, targets, batches, dict(call_kwargs or {}), linen)
+    weights = _float_weights(qmodel, variables, targets, linen)
+    kernels = {
+        p: quantize_layer(plan, weights[p], None if stats is None else stats[p], gptq)[0]
+        for p, plan in targets.items()
+    }
+    if linen:
+        flat = traverse_util.flatten_dict(_as_dict(variables["params"]))
+        for p, q in kernels.items():
+            flat[(*(k for k in p.split("/") if k), targets[p].weight_name)] = q
+        return convert_linen(qmodel, {**variables, "params": traverse_util.unflatten_dict(flat)})
+    from jaxquant.nn.nnx_model import to_serving_nnx
+
+    return to_serving_nnx(qmodel, kernels)
+
+
+def quantize_layer(
+    plan: LayerPlan,
+    kernel: jax.Array,
+    stats: InputStats | None,
+    config: GPTQConfig = _GPTQ_DEFAULT,
+) -> tuple[QArray, jax.Array]:
+    """One layer's serving kernel, from its float kernel and its inputs' statistics.
+
+    Args:
+      plan: the layer's :class:`~jaxquant.nn.layer_quant.LayerPlan`.
+      kernel: the float kernel, ``plan.kernel_shape``.
+      stats: :class:`~jaxquant.ptq.hessian.InputStats` of the matrix view's rows with a leading
+        feature-group axis (``xtx [groups, d_in, d_in]``); None rounds to nearest.
+      config: GPTQ settings.
+
+    Returns:
+      ``(qarray, w2)``: the kernel laid out as ``plan.quantize_kernel(kernel)`` lays it out,
+      and the quantized matrix ``w2 [d_in, d_out]`` (float32) it represents.
+    """
+    w2 = to_matrix(plan, kernel).astype(jnp.float32)
+    spec = matrix_spec(plan)
+    if stats is None:
+        parts = [_rtn(w2, spec)]
+    else:
+        groups = int(stats.count.shape[0])
+        cols = w2.shape[1] // groups
+        parts = []
+        for j in range(groups):
+            h = hessian(jax.tree.map(lambda a, j=j: a[j], stats))
+            parts.append(gptq_quantize(w2[:, j * cols : (j + 1) * cols], h, spec, config)[0])
+    wq2 = jnp.concatenate([q.dequantize(jnp.float32) for q in parts], axis=1)
+    scale = jnp.concatenate([q.scale for q in parts], axis=1)
+    zp = None
+    if parts[0].zero_point is not None:
+        zp = jnp.concatenate([q.zero_point for q in parts], axis=1)
+    q = plan.quantize_kernel(
+        from_matrix(plan, wq2),
+        scale=scale_to_kernel(plan, scale),
+        zero_point=scale_to_kernel(plan, zp),
+    )
+    dtype = np.dtype(jnp.asarray(kernel).dtype)
+    if q.dtype != dtype:
+        q = dataclasses.replace(q, dtype=dtype)
+    return q, wq2
+
+
+_rtn = jax.jit(lambda w2, spec: quantize_operand(w2, spec, (0,)), static_argnums=1)
+
+
+# --- arguments ---------------------------------------------------------------------------------
+
+
+def _split_args(linen: bool, args):
+    if linen:
+        if len(args) != 2:
+            raise ValueError(
+                "calibrate_and_convert(qmodel, variables, calib_batches): a linen model needs "
+                f"its variables and the batches; got {len(args)} positional arguments."
+            )
+        variables, batches = args
+        if not isinstance(variables, Mapping) or "params" not in variables:
+            raise ValueError("variables must be the dict qmodel.init returns, {'params': ...}.")
+        return variables, batches
+    if len(args) != 1:
+        raise ValueError(
+            "calibrate_and_convert(qmodel, calib_batches): an NNX model holds its own params; "
+            f"pass only the batches (got {len(args)} positional arguments)."
+        )
+    return None, args[0]
+
+
+def _batches(batches: Iterable):
+    """Yields ``(i, batch)`` with each batch a tuple of arrays; raises on an empty iterable."""
+    if isinstance(batches, (jax.Array, np.ndarray)):
+        raise ValueError(
+            "calib_batches is one array; pass an iterable of tuples of inputs: [(x1,), (x2,)]."
+        )
+    n = 0
+    for i, b in enumerate(batches):
+        if not isinstance(b, (tuple, list)):
+            raise ValueError(
+                f"calib_batches[{i}] is a {type(b).__name__}, not a tuple of the model's "
+                "positional inputs; wrap one input as (x,)."
+            )
+        n += 1
+        yield i, tuple(b)
+    if n == 0:
+        raise ValueError("calib_batches is empty: pass at least one tuple of model inputs.")
+
+
+def _shapes(batch) -> list:
+    return [tuple(np.shape(x)) for x in jax.tree.leaves(batch)]
+
+
+# --- measuring: the float forward with every quantized layer's input captured ------------------
+
+
+class _Sink:
+    """Rows captured during one traced forward: ``{path: [rows [groups, tokens, d_in], ...]}``."""
+
+    def __init__(self, targets: Mapping[str, LayerPlan]):
+        self.targets = targets
+        self.rows: dict[str, list] = {}
+
+    def add(self, path: str, rows: jax.Array) -> None:
+        self.rows.setdefault(path, []).append(rows)
+
+    def take(self) -> dict[str, jax.Array]:
+        out = {p: jnp.concatenate(r, axis=1) for p, r in self.rows.items()}
+        self.rows = {}
+        return out
+
+
+def _capture_fn(plan: LayerPlan, sink: _Sink):
+    """A float product for ``plan``'s hook that records its input's rows."""
+    if plan.op is Op.CONV:
+
+        def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                 dimension_numbers=None, feature_group_count=1, batch_group_count=1, **kw):
+            sink.add(plan.path, conv_rows(
+                plan, lhs, rhs.shape, window_strides, padding, lhs_dilation, rhs_dilation,
+                dimension_numbers, feature_group_count, batch_group_count))
+            return jax.lax.conv_general_dilated(
+                lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+                **kw)
+
+        return conv
+    if plan.op is Op.EINSUM:
+
+        def ein(subscripts, lhs, rhs, **kw):
+            sink.add(plan.path, einsum_rows(plan, subscripts, lhs)[None])
+            kw = {k: v for k, v in kw.items() if v is not None}
+            return jnp.einsum(subscripts, lhs, rhs, **kw)
+
+        return ein
+
+    def dot(lhs, rhs, dimension_numbers, *a, **kw):
+        sink.add(plan.path, dot_rows(plan, lhs, dimension_numbers)[None])
+        if kw.get("out_sharding", 0) is None:
+            kw.pop("out_sharding")
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, *a, **kw)
+
+    return dot
+
+
+@contextlib.contextmanager
+def _patched(mod, attrs: Mapping):
+    """Sets attributes on a (frozen) linen module for one call, and restores them."""
+    saved = {k: mod.__dict__[k] for k in attrs if k in mod.__dict__}
+    for k, v in attrs.items():
+        object.__setattr__(mod, k, v)
+    try:
+        yield
+    finally:
+        for k in attrs:
+            if k in saved:
+                object.__setattr__(mod, k, saved[k])
+            else:
+                object.__delattr__(mod, k)
+
+
+def _linen_interceptor(sink: _Sink):
+    def interceptor(next_fun, args, kwargs, ctx):
+        if ctx.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        mod = ctx.module
+        plan = sink.targets.get(module_path(mod))
+        if plan is None:
+            return next_fun(*args, **kwargs)
+        if plan.op is Op.EINSUM:  # linen's Einsum has no hook: its input is the call's
+            x = args[0] if args else kwargs["inputs"]
+            eq = kwargs.get("einsum_str", args[1] if len(args) > 1 else None) or mod.einsum_str
+            sink.add(plan.path, einsum_rows(plan, eq, x)[None])
+            return next_fun(*args, **kwargs)
+        hook = _HOOKS[plan.op]
+        with _patched(mod, {hook: _capture_fn(plan, sink), hook + "_cls": None}):
+            return next_fun(*args, **kwargs)
+
+    return interceptor
+
+
+def _forward(qmodel, variables, targets, call_kwargs, linen):
+    """``(fn, state)``: ``fn(state, batch)`` runs the float model and returns the captured rows
+    ``{path: [groups, tokens, d_in]}``."""
+    sink = _Sink(targets)
+    if linen:
+        model = float_linen(qmodel)
+        interceptor = _linen_interceptor(sink)
+
+        def fn(variables, batch):
+            with nn.intercept_methods(interceptor):
+                model.apply(variables, *batch, **call_kwargs)
+            return sink.take()
+
+        return fn, variables
+    from flax import nnx
+
+    from jaxquant.nn.nnx_model import QuantEmbed
+    from jaxquant.nn.quant_attention import NnxAttentionFn
+
+    model = nnx.clone(qmodel)
+    plans = layer_plans(qmodel)
+    for keys, node in list(nnx.iter_graph(model)):  # every quantized product back to float
+        path = "/".join(str(k) for k in keys)
+        if isinstance(node, QuantEmbed):
+            object.__setattr__(node, "__class__", nnx.Embed)
+        elif isinstance(node, nnx.MultiHeadAttention) and isinstance(
+            node.attention_fn, NnxAttentionFn
+        ):
+            node.attention_fn = nnx.dot_product_attention
+        elif path in plans and plans[path].op in _HOOKS and isinstance(node, nnx.Module):
+            into = sink if path in targets else _Sink({})  # float weights: run, record nothing
+            setattr(node, _HOOKS[plans[path].op], _capture_fn(plans[path], into))
+    graphdef, state = nnx.split(model)
+
+    def fn(state, batch):
+        nnx.merge(graphdef, state)(*batch, **call_kwargs)
+        return sink.take()
+
+    return fn, state
+
+
+def _measure(qmodel, variables, targets, batches, call_kwargs, linen) -> dict[str, InputStats]:
+    """Per target layer, :class:`InputStats` of its rows over all batches (leading groups axis)."""
+    fn, state = _forward(qmodel, variables, targets, call_kwargs, linen)
+
+    def step(state, batch, stats):
+        rows = fn(state, batch)
+        return {p: jax.vmap(stats_update)(stats[p], rows[p]) for p in stats}
+
+    step = jax.jit(step)
+    stats = None
+    for i, batch in _batches(batches):
+        try:
+            if stats is None:
+                shapes = jax.eval_shape(fn, state, batch)
+            else:
+                stats = step(state, batch, stats)
+        except LayerCallError:
+            raise
+        except Exception as e:  # the model's own error on a bad batch
+            msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            raise ValueError(
+                f"calib_batches[{i}] (input shapes {_shapes(batch)}): the model's float forward "
+                f"failed on it ({type(e).__name__}: {msg}). Pass tuples of inputs like the "
+                "example inputs given to quantize_model."
+            ) from e
+        if stats is None:
+            missing = sorted(set(targets) - set(shapes))
+            if missing:
+                raise ValueError(
+                    f"layers {missing[:4]} are quantized, but the model's forward on the "
+                    "calibration batches never calls them; pass inputs that reach them."
+                )
+            stats = step(state, batch, {p: _stats_init(*shapes[p].shape[::2]) for p in targets})
+    for p, s in stats.items():
+        if int(s.count.min()) == 0:
+            raise ValueError(f"{p}: no calibration token reached this layer.")
+    return stats
+
+
+def _stats_init(groups: int, d_in: int) -> InputStats:
+    s = stats_init(d_in)
+    return jax.tree.map(lambda a: jnp.broadcast_to(a, (groups, *a.shape)), s)
+
+
+def _float_weights(qmodel, variables, targets, linen) -> dict[str, jax.Array]:
+    if linen:
+        flat = traverse_util.flatten_dict(_as_dict(variables["params"]))
+        out = {}
+        for p, plan in targets.items():
+            key = (*(k for k in p.split("/") if k), plan.weight_name)
+            if key not in flat:
+                raise ValueError(f"{p}: no {plan.weight_name} at params/{'/'.join(key)}.")
+            if isinstance(flat[key], QArray):
+                raise ValueError(f"{p}: the kernel is already quantized; pass float variables.")
+            out[p] = flat[key]
+        return out
+    from flax import nnx
+
+    out = {}
+    for keys, node in nnx.iter_graph(qmodel):
+        p = "/".join(str(k) for k in keys)
+        if p in targets and isinstance(node, nnx.Module):
+            w = getattr(node, targets[p].weight_name)
+            if not isinstance(w, nnx.Param):
+                raise ValueError(f"{p}: the kernel is already served; pass the float qmodel.")
+            out[p] = w.get_value()
+    return out
+
+
+def _as_dict(tree):
+    if isinstance(tree, Mapping):
+        return {k: _as_dict(v) for k, v in tree.items()}
+    return tree
+
+
+__all__ = ["METHODS", "calibrate_and_convert", "matrix_view", "quantize_layer"]
