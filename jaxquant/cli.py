@@ -171,9 +171,13 @@ def _cmd_finetune(args) -> int:
     ft.check_out(args.out, resume=args.resume)
     heldout = _heldout(args)
     model = load(args.model)
+    score = (None if scale.mesh is None  # the saved model scored on the mesh too
+             else functools.partial(sc.evaluate_checkpoint, scale=scale,
+                                    batch_size=scale.batch_shards))
     result = ft.finetune(model, config, args.out, dataset=args.data, resume=args.resume,
                          heldout=heldout, eval_seq_len=args.eval_seq_len,
-                         eval_max_tokens=args.max_tokens)
+                         eval_max_tokens=args.max_tokens, progress=scale.writer,
+                         evaluate_checkpoint=score)
     png = ft.write_plot(result, args.json)
     held = result["heldout"]
     print("\n| model | method | steps | tokens seen | final train loss | bits/weight "

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxquant.checkpoint.primary import barrier, is_primary
 from jaxquant.core import QArray
 from jaxquant.core.dot_config import fully_quantized
 from jaxquant.core.qtypes import QTYPES, canonical_qtype
@@ -533,6 +534,7 @@ def finetune(
     eval_seq_len: int = 2048,
     eval_max_tokens: int | None = None,
     progress: bool = True,
+    evaluate_checkpoint: Any = None,
 ) -> dict[str, Any]:
     """Fine-tunes ``model`` on ``dataset``'s train split, saves and scores the serving model.
 
@@ -546,6 +548,9 @@ def finetune(
       eval_seq_len: perplexity window (capped at the model's ``max_seq_len``).
       eval_max_tokens: score only the first this many test tokens (None: all).
       progress: progress bars.
+      evaluate_checkpoint: scores the saved serving model, with the signature of
+        :func:`jaxquant.eval.tasks.evaluate_checkpoint` (the default); ``--mesh`` passes
+        :func:`jaxquant.eval.scale.evaluate_checkpoint` bound to its mesh.
 
     Returns:
       The result dict (``--json``): method, steps, tokens seen, final train loss, the loss
@@ -553,6 +558,7 @@ def finetune(
     """
     t0 = time.perf_counter()
     out = check_out(out, resume=resume)
+    barrier("jaxquant finetune: --out checked")  # every process checked before one writes
     method = config.method
     seq_len = min(config.seq_len, model.cfg.max_seq_len)
     stream = tasks.tokens_for(model, dataset, "train")
@@ -576,9 +582,9 @@ def finetune(
     info = {"recipe": recipe, "model": model.name, "method": method.name,
             "data": dataset, "steps": config.steps, "final_train_loss": losses[-1]}
     save_quantized(out, serve_cfg, serve_params, info, force=True, keep_others=True)
-    score = tasks.evaluate_checkpoint(model, out, dataset=dataset, split="test",
-                                      heldout=heldout, seq_len=eval_seq_len,
-                                      max_tokens=eval_max_tokens, progress=progress)
+    score = (evaluate_checkpoint or tasks.evaluate_checkpoint)(
+        model, out, dataset=dataset, split="test", heldout=heldout, seq_len=eval_seq_len,
+        max_tokens=eval_max_tokens, progress=progress)
     return {
         "model": model.name, "dataset": dataset, "method": method.name, "out": str(out),
         "steps": config.steps, "batch_size": config.batch_size, "seq_len": seq_len,
@@ -601,10 +607,12 @@ def finetune(
 
 def write_plot(result: dict, json_path: str | Path | None) -> Path:
     """Plots ``result``'s loss curve next to ``json_path`` (same name, ``.png``), or into the
-    run's ``out`` when there is no JSON; records the path in ``result["plot"]``."""
+    run's ``out`` when there is no JSON; records the path in ``result["plot"]``. In a
+    multi-process run only process 0 writes the file."""
     png = (Path(json_path).with_suffix(".png") if json_path
            else Path(result["out"]) / "loss_curve.png")
-    plot_training_curve(result["loss_curve"], png,
-                        title=f"{result['model']} {result['method']} on {result['dataset']}")
+    if is_primary():  # several processes: process 0 writes it (nothing reads it in the run)
+        plot_training_curve(result["loss_curve"], png,
+                            title=f"{result['model']} {result['method']} on {result['dataset']}")
     result["plot"] = str(png)
     return png

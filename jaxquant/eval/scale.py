@@ -141,6 +141,13 @@ class Scale:
         """Whether this process writes ``--json`` (process 0)."""
         return self.process_index == 0
 
+    @property
+    def batch_shards(self) -> int:
+        """Into how many parts a batch is split: ``data`` x ``fsdp`` (1 without a mesh)."""
+        if self.mesh is None:
+            return 1
+        return int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp")]))
+
     def describe(self) -> dict[str, Any]:
         """What goes into the result JSON."""
         return {"mesh": None if self.mesh is None else dict(self.mesh.shape),
@@ -152,6 +159,17 @@ class Scale:
         if self.mesh is None:
             return params
         return shard_params(params, self.mesh, strict=False)
+
+    def place_calibration(self, params: Any, calib: np.ndarray | None) -> tuple[Any, Any]:
+        """``params`` sharded by the rules and the calibration windows ``[windows, length]``
+        split over the batch axes ``data`` x ``fsdp`` (replicated when their number does not
+        divide): the placement hook of :func:`jaxquant.eval.tasks.quantize`."""
+        params = self.shard(params)
+        if calib is None or self.mesh is None:
+            return params, calib
+        sharding = (batch_sharding(self.mesh, 2) if len(calib) % self.batch_shards == 0
+                    else replicated(self.mesh))
+        return params, place(np.asarray(calib, np.int32), sharding)
 
     def shard_model(self, model: LoadedModel) -> LoadedModel:
         """``model`` with its params on the mesh."""
@@ -186,7 +204,7 @@ def _batch_constrained(apply_fn, scale: Scale, batch_size: int):
     if scale.mesh is None:
         return apply_fn
     sharding = batch_sharding(scale.mesh, 2)
-    n = int(np.prod([scale.mesh.shape[a] for a in ("data", "fsdp")]))
+    n = scale.batch_shards
     if batch_size % n:
         raise ValueError(f"--batch-size {batch_size} does not split over the mesh's batch "
                          f"axes data x fsdp = {n}; use a multiple of {n}.")
@@ -225,35 +243,12 @@ def quantize(model: LoadedModel, recipe, scale: Scale, *, dataset: str = "ptb",
     Returns:
       ``(serve_cfg, serve_params, info)`` as :func:`~jaxquant.eval.tasks.quantize`.
     """
-    import time
-
     from jaxquant.eval import tasks
-    from jaxquant.ptq.pipeline import PTQOptions, quantize_model
 
-    if scale.mesh is None:
-        return tasks.quantize(model, recipe, dataset=dataset, calib_data=calib_data,
-                              calib_windows=calib_windows, calib_len=calib_len, seed=seed,
-                              options=options, progress=progress)
-    options = options or PTQOptions()
-    info: dict[str, Any] = {"recipe": recipe.name}
-    calib = None
-    if recipe.algorithm(options).calibrated:
-        calib_len = min(calib_len, model.cfg.max_seq_len)
-        from jaxquant.data import default_calibration
-
-        calib_data = calib_data or default_calibration(dataset)
-        calib, info["calibration"] = tasks.calibration_set(model, calib_data,
-                                                           calib_windows, calib_len, seed)
-        info["options"] = dataclasses.asdict(options)
-        sharding = batch_sharding(scale.mesh, 2)
-        n = int(np.prod([scale.mesh.shape[a] for a in ("data", "fsdp")]))
-        calib = place(np.asarray(calib, np.int32), sharding if len(calib) % n == 0
-                      else replicated(scale.mesh))
-    t0 = time.perf_counter()
-    cfg, params, qinfo = quantize_model(model.cfg, scale.shard(model.params), recipe, calib,
-                                        options=options, progress=progress and scale.writer)
-    info["quantize_seconds"] = qinfo.get("seconds", time.perf_counter() - t0)
-    return cfg, params, info
+    return tasks.quantize(model, recipe, dataset=dataset, calib_data=calib_data,
+                          calib_windows=calib_windows, calib_len=calib_len, seed=seed,
+                          options=options, progress=progress and scale.writer,
+                          place=None if scale.mesh is None else scale.place_calibration)
 
 
 def evaluate(model: LoadedModel, scale: Scale, *, dataset: str = "ptb", split: str = "test",

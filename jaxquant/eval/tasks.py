@@ -101,10 +101,16 @@ def quantize(
     seed: int = 0,
     options: PTQOptions | None = None,
     progress: bool = True,
+    place: Callable[[Any, np.ndarray | None], tuple[Any, Any]] | None = None,
 ) -> tuple[TransformerConfig, Any, dict]:
     """Runs ``recipe`` on ``model``, calibrating when needed on ``calib_data`` (default:
     ``dataset``'s train split; a mix such as ``ptb+shakespeare+kjv`` is allowed, see
     :func:`calibration_set`).
+
+    Args:
+      place: ``(float params, calibration windows [windows, length] int32 or None) ->
+        (params, windows)`` put on devices before quantizing (``jaxquant.eval.scale``: on a
+        mesh); None: as they are.
 
     Returns:
       ``(serve_cfg, serve_params, info)``; ``info`` records the calibration set and time.
@@ -119,7 +125,10 @@ def quantize(
                                                      calib_windows, calib_len, seed)
     if calib is not None:
         info["options"] = dataclasses.asdict(options)
-    cfg, params, qinfo = quantize_model(model.cfg, model.params, recipe, calib, options=options,
+    params = model.params
+    if place is not None:
+        params, calib = place(params, calib)
+    cfg, params, qinfo = quantize_model(model.cfg, params, recipe, calib, options=options,
                                         progress=progress)
     info["quantize_seconds"] = qinfo["seconds"]
     return cfg, params, info

@@ -21,6 +21,10 @@ checkpoints (``DIR/train``), LoRA adapters and run record there. ``save_quantize
 keep_others=True)`` carries every other entry of the existing ``DIR`` into the staging folder
 (hard links, a copy where the file system has none) before the sidecar completes it, so the
 swap replaces only the serving pair and a failed save leaves the old ``DIR`` untouched.
+
+In a multi-process run (``jax.distributed``) every process calls :func:`save_quantized`: all of
+them write their shards of the params into one staging folder (Orbax), process 0 alone writes
+the sidecar and renames, and no process returns before the swap is done.
 """
 
 from __future__ import annotations
@@ -29,11 +33,11 @@ import json
 import os
 import shutil
 import sys
-import uuid
 from pathlib import Path
 from typing import Any
 
 from jaxquant import checkpoint
+from jaxquant.checkpoint.primary import agreed_token, on_primary
 from jaxquant.errors import CorruptCheckpointError, JaxquantError
 from jaxquant.nn.config import TransformerConfig
 
@@ -58,25 +62,33 @@ def save_quantized(
     sidecar (e.g. a fine-tuning run's ``train/`` checkpoints) are kept, and ``out`` need not be
     a checkpoint yet."""
     out = Path(out).absolute()
-    _recover(out)
-    check_writable(out, force=force, keep_others=keep_others)
-    _remove_leftovers(out)
-    staging = out.with_name(f"{out.name}{_NEW}{uuid.uuid4().hex[:8]}")
-    checkpoint.save(staging / "params", params)
-    if keep_others and out.is_dir():
-        for entry in out.iterdir():
-            if entry.name not in _SERVING:
-                _link_tree(entry, staging / entry.name)
-    sidecar = {
-        "format": FORMAT,
-        "recipe": info.get("recipe"),  # for reference; loading needs only transformer_config
-        "info": info,
-        "transformer_config": serve_cfg.to_dict(),
-    }
-    tmp = staging / (SIDECAR + ".tmp")
-    tmp.write_text(json.dumps(sidecar, indent=2, default=str))
-    tmp.replace(staging / SIDECAR)  # the staging folder is complete from here on
-    _swap(staging, out)
+
+    def prepare():
+        _recover(out)
+        check_writable(out, force=force, keep_others=keep_others)
+        _remove_leftovers(out)
+
+    on_primary(prepare, f"preparing to save {out}")
+    staging = out.with_name(f"{out.name}{_NEW}{agreed_token()}")  # one name for all processes
+    checkpoint.save(staging / "params", params)  # every process: Orbax writes each one's shards
+
+    def finish():
+        if keep_others and out.is_dir():
+            for entry in out.iterdir():
+                if entry.name not in _SERVING:
+                    _link_tree(entry, staging / entry.name)
+        sidecar = {
+            "format": FORMAT,
+            "recipe": info.get("recipe"),  # for reference; loading needs only transformer_config
+            "info": info,
+            "transformer_config": serve_cfg.to_dict(),
+        }
+        tmp = staging / (SIDECAR + ".tmp")
+        tmp.write_text(json.dumps(sidecar, indent=2, default=str))
+        tmp.replace(staging / SIDECAR)  # the staging folder is complete from here on
+        _swap(staging, out)
+
+    on_primary(finish, f"saving {out}")  # the others wait: after it, all see the finished `out`
     return out
 
 
@@ -171,7 +183,12 @@ def _recover(directory: Path) -> None:
         f"finished new checkpoint {newest.name}",
         file=sys.stderr,
     )
-    os.rename(newest, directory)
+    try:
+        os.rename(newest, directory)
+    except OSError:
+        if not _complete(directory):
+            raise
+        return  # another process of a multi-process run finished it first
     _remove_leftovers(directory)
 
 

@@ -43,6 +43,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxquant.checkpoint import CheckpointManager
+from jaxquant.checkpoint.primary import on_primary
 from jaxquant.errors import JaxquantError
 
 __all__ = ["LoopConfig", "LoopResult", "WindowBatches", "has_checkpoint", "train"]
@@ -256,8 +257,8 @@ def train(
                                 "(resume=True) to continue it, or choose another directory.")
         if resume:
             _check_tag(directory, tag)
-        else:
-            _write_tag(directory, tag)
+        else:  # several processes: process 0 writes it, the others wait for it
+            on_primary(lambda: _write_tag(directory, tag), f"writing {directory / RUN_FILE}")
         mngr = CheckpointManager(directory, max_to_keep=config.max_to_keep)
     state = _committed(state)  # so the restored state hits the same compiled step
     try:
