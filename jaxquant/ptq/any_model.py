@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 from collections.abc import Iterable, Mapping
 
 import flax.linen as nn
@@ -73,8 +74,9 @@ def calibrate_and_convert(
     method: str = "gptq",
     gptq: GPTQConfig = _GPTQ_DEFAULT,
     call_kwargs: Mapping | None = None,
+    blocks: str | None = None,
 ):
-    """Serving form of a quantized model, its kernels quantized by GPTQ on calibration data.
+    r"""Serving form of a quantized model, its kernels quantized by GPTQ on calibration data.
 
     linen: ``calibrate_and_convert(qmodel, variables, calib_batches)`` returns serving variables
     (as ``to_serving(qmodel, variables)`` does). NNX: ``calibrate_and_convert(qmodel,
@@ -89,6 +91,12 @@ def calibrate_and_convert(
         same params as ``to_serving``).
       gptq: :class:`~jaxquant.ptq.gptq.GPTQConfig` (damp, block size, act order).
       call_kwargs: keyword arguments of every calibration call (e.g. ``{"train": False}``).
+      blocks: None (one-shot: every layer's statistics from one float pass), or a regex matched
+        at the start of layer paths whose match names a repeated block (``r"block_\d+"``,
+        ``r"blocks/\d+"``): sequential GPTQ. Layers are quantized group by group in the order
+        the forward calls them (a block's layers, or a run of layers outside any block), each
+        group on inputs recomputed with the groups before it quantized (their weights on the
+        grid; activations float). One float pass over the batches per group.
 
     Returns:
       linen: serving variables for ``qmodel.apply``; NNX: the serving module.
@@ -110,7 +118,6 @@ def calibrate_and_convert(
         for p, plan in plans.items()
         if plan.op in (Op.DOT, Op.EINSUM, Op.CONV) and plan.config.rhs is not None
     }
-    stats = None
     if method == "gptq":
         for plan in targets.values():
             if get_qtype(plan.config.rhs.qtype).kind is not QKind.INT:
@@ -120,12 +127,16 @@ def calibrate_and_convert(
                 )
         if batches is None:
             raise ValueError("method='gptq' needs calib_batches (tuples of model inputs).")
-        stats = _measure(qmodel, variables, targets, batches, dict(call_kwargs or {}), linen)
     weights = _float_weights(qmodel, variables, targets, linen)
-    kernels = {
-        p: quantize_layer(plan, weights[p], None if stats is None else stats[p], gptq)[0]
-        for p, plan in targets.items()
-    }
+    call = (qmodel, variables, dict(call_kwargs or {}), linen)
+    if method == "rtn":
+        kernels = {p: quantize_layer(plan, weights[p], None)[0] for p, plan in targets.items()}
+    elif blocks is None:
+        stats, _ = _measure(*call, targets, batches)
+        kernels = {p: quantize_layer(plan, weights[p], stats[p], gptq)[0]
+                   for p, plan in targets.items()}
+    else:
+        kernels = _sequential(*call, targets, batches, weights, blocks, gptq)
     if linen:
         flat = traverse_util.flatten_dict(_as_dict(variables["params"]))
         for p, q in kernels.items():
@@ -239,8 +250,11 @@ class _Sink:
     def __init__(self, targets: Mapping[str, LayerPlan]):
         self.targets = targets
         self.rows: dict[str, list] = {}
+        self.order: list[str] = []  # paths in the order the forward first calls them
 
     def add(self, path: str, rows: jax.Array) -> None:
+        if path not in self.order:
+            self.order.append(path)
         self.rows.setdefault(path, []).append(rows)
 
     def take(self) -> dict[str, jax.Array]:
@@ -319,27 +333,34 @@ def _linen_interceptor(sink: _Sink):
     return interceptor
 
 
-def _forward(qmodel, variables, targets, call_kwargs, linen):
-    """``(fn, state)``: ``fn(state, batch)`` runs the float model and returns the captured rows
-    ``{path: [groups, tokens, d_in]}``."""
+def _forward(qmodel, variables, call_kwargs, linen, targets, overrides=None):
+    """``(fn, state, sink)``: ``fn(state, batch)`` runs the float model (with the kernels of
+    ``overrides``, ``{path: kernel}``, in place of the model's) and returns the captured rows
+    ``{path: [groups, tokens, d_in]}`` of the ``targets``."""
     sink = _Sink(targets)
+    plans = layer_plans(qmodel)
+    overrides = dict(overrides or {})
     if linen:
         model = float_linen(qmodel)
         interceptor = _linen_interceptor(sink)
+        if overrides:
+            flat = traverse_util.flatten_dict(_as_dict(variables["params"]))
+            for p, w in overrides.items():
+                flat[(*(k for k in p.split("/") if k), plans[p].weight_name)] = w
+            variables = {**variables, "params": traverse_util.unflatten_dict(flat)}
 
         def fn(variables, batch):
             with nn.intercept_methods(interceptor):
                 model.apply(variables, *batch, **call_kwargs)
             return sink.take()
 
-        return fn, variables
+        return fn, variables, sink
     from flax import nnx
 
     from jaxquant.nn.nnx_model import QuantEmbed
     from jaxquant.nn.quant_attention import NnxAttentionFn
 
     model = nnx.clone(qmodel)
-    plans = layer_plans(qmodel)
     for keys, node in list(nnx.iter_graph(model)):  # every quantized product back to float
         path = "/".join(str(k) for k in keys)
         if isinstance(node, QuantEmbed):
@@ -351,18 +372,21 @@ def _forward(qmodel, variables, targets, call_kwargs, linen):
         elif path in plans and plans[path].op in _HOOKS and isinstance(node, nnx.Module):
             into = sink if path in targets else _Sink({})  # float weights: run, record nothing
             setattr(node, _HOOKS[plans[path].op], _capture_fn(plans[path], into))
+            if path in overrides:
+                getattr(node, plans[path].weight_name).set_value(overrides[path])
     graphdef, state = nnx.split(model)
 
     def fn(state, batch):
         nnx.merge(graphdef, state)(*batch, **call_kwargs)
         return sink.take()
 
-    return fn, state
+    return fn, state, sink
 
 
-def _measure(qmodel, variables, targets, batches, call_kwargs, linen) -> dict[str, InputStats]:
-    """Per target layer, :class:`InputStats` of its rows over all batches (leading groups axis)."""
-    fn, state = _forward(qmodel, variables, targets, call_kwargs, linen)
+def _measure(qmodel, variables, call_kwargs, linen, targets, batches, overrides=None):
+    """``(stats, order)``: per target layer, :class:`InputStats` of its rows over all batches
+    (leading groups axis), and the targets in the order the forward calls them."""
+    fn, state, sink = _forward(qmodel, variables, call_kwargs, linen, targets, overrides)
 
     def step(state, batch, stats):
         rows = fn(state, batch)
@@ -396,7 +420,40 @@ def _measure(qmodel, variables, targets, batches, call_kwargs, linen) -> dict[st
     for p, s in stats.items():
         if int(s.count.min()) == 0:
             raise ValueError(f"{p}: no calibration token reached this layer.")
-    return stats
+    return stats, list(sink.order)
+
+
+def _sequential(qmodel, variables, call_kwargs, linen, targets, batches, weights, blocks, cfg):
+    """Sequential GPTQ: group by group (see ``blocks`` of :func:`calibrate_and_convert`)."""
+    try:
+        pattern = re.compile(blocks)
+    except (re.error, TypeError) as e:
+        raise ValueError(f"blocks must be a regex naming repeated blocks, got {blocks!r}.") from e
+
+    def block_of(path):
+        m = pattern.match(path)
+        return None if m is None or not m.group(0) else m.group(0)
+
+    if not any(block_of(p) for p in targets):
+        raise ValueError(f"blocks={blocks!r} matches the start of no quantized layer's path "
+                         f"(paths: {sorted(targets)[:6]}).")
+    batches = [b for _, b in _batches(batches)]  # read once, replayed for every group
+    call = (qmodel, variables, call_kwargs, linen)
+    _, order = _measure(*call, targets, batches[:1])  # the execution order
+    groups: list[list[str]] = []
+    for p in order:
+        if groups and block_of(groups[-1][0]) == block_of(p):
+            groups[-1].append(p)
+        else:
+            groups.append([p])
+    kernels, done = {}, {}
+    for group in groups:
+        stats, _ = _measure(*call, {p: targets[p] for p in group}, batches, done)
+        for p in group:
+            q, wq2 = quantize_layer(targets[p], weights[p], stats[p], cfg)
+            kernels[p] = q
+            done[p] = from_matrix(targets[p], wq2).astype(jnp.asarray(weights[p]).dtype)
+    return kernels
 
 
 def _stats_init(groups: int, d_in: int) -> InputStats:

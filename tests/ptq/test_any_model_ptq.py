@@ -267,6 +267,35 @@ def test_served_kernels_are_the_layer_gptq_conv_and_nnx():
     _assert_serves(plan, served.fc1.kernel.get_value(), model.fc1.kernel.get_value(), h)
 
 
+# --- sequential GPTQ (blocks=) ----------------------------------------------------------------
+
+
+def test_sequential_gptq_calibrates_each_block_on_the_quantized_blocks_before_it():
+    """With ``blocks``, a layer's Hessian comes from inputs computed with the earlier blocks'
+    kernels already quantized (and the first block's is the one-shot one)."""
+    model, qmodel, variables, batches, _ = _linen("mlp", n_batches=1, batch=128)
+    seq = calibrate_and_convert(qmodel, variables, batches, blocks=r"Dense_\d+")
+    one_shot = calibrate_and_convert(qmodel, variables, batches)
+    plans, p, sp = layer_plans(qmodel), variables["params"], seq["params"]
+    assert same_tree(sp["Dense_0"], one_shot["params"]["Dense_0"])
+    x = batches[0][0]
+    w0 = sp["Dense_0"]["kernel"].dequantize(jnp.float32)
+    _assert_serves(plans["Dense_1"], sp["Dense_1"]["kernel"], p["Dense_1"]["kernel"],
+                   nn.relu(x @ w0 + p["Dense_0"]["bias"]))
+    assert not same_tree(sp["Dense_1"], one_shot["params"]["Dense_1"])
+
+    model, qmodel, batches, _ = _nnx(n_batches=1)
+    served = calibrate_and_convert(qmodel, batches, blocks=r"fc\d")
+    ref = nnx.clone(model)
+    for name in ("conv", "fc1"):
+        getattr(ref, name).kernel.set_value(getattr(served, name).kernel.get_value().dequantize())
+    h = nnx.relu(ref.fc1(nnx.relu(ref.conv(batches[0][0])).mean(axis=(1, 2))))
+    _assert_serves(layer_plans(qmodel)["fc2"], served.fc2.kernel.get_value(),
+                   model.fc2.kernel.get_value(), h)
+    with pytest.raises(ValueError, match="matches the start of no quantized layer"):
+        calibrate_and_convert(qmodel, batches, blocks=r"block_\d+")
+
+
 # --- (d) bad input ------------------------------------------------------------------------------
 
 

@@ -1,0 +1,25 @@
+"""Smoke test: experiments/any_model_ptq.py runs end to end on one small calibration batch
+(about a minute of CPU: GPTQ compiles per kernel shape, so it is marked slow)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.experiments.helpers import load_experiment
+
+
+@pytest.mark.slow
+def test_run_one_batch():
+    m = load_experiment("any_model_ptq")
+    result = m.run(n_batches=1, batch=8, models=("linen_vit", "nnx_lm"))
+    assert result["user_code_lines"] == {"linen": 3, "nnx": 3}
+    for name, rows in result["models"].items():
+        int4, int8 = rows["int4"], rows["int8"]
+        # GPTQ and RTN serve the same layout: the same bytes
+        assert int4["serving_bytes"] == int4["rtn_bytes"], name
+        assert int4["serving_bytes"] < int8["serving_bytes"] < int8["f32_bytes"], name
+        # int8 is closer to float than int4 for both methods
+        assert int8["rtn_rel_err"] < int4["rtn_rel_err"], name
+        assert int8["gptq_rel_err"] < int4["gptq_rel_err"], name
+        # GPTQ beats RTN at int4 on held-out draws of the calibration distribution
+        assert int4["gptq_rel_err"] < int4["rtn_rel_err"], name
