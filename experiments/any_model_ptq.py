@@ -14,9 +14,11 @@ For each, int4 (groups of 32 inputs; the attention output projection, which cont
 axes, per output channel) and int8 (per output channel), weight-only: the relative error of
 the outputs against the float model on held-out inputs drawn from the calibration
 distribution (images / chains with other seeds), for RTN (``to_serving``) and GPTQ
-(``calibrate_and_convert``, one float pass over the calibration batches), the serving bytes
-against float32, and the user lines of code of the PTQ (the exact lines run below). Embedding
-tables stay float (GPTQ has no matrix product to calibrate for a lookup).
+(``calibrate_and_convert``, one float pass over the calibration batches), at int4 also
+sequential GPTQ over the repeated blocks (``blocks=``: each block calibrated on inputs computed
+with the blocks before it quantized), the serving bytes against float32, and the user lines of
+code of the PTQ (the exact lines run below). Embedding tables stay float (GPTQ has no matrix
+product to calibrate for a lookup).
 
     python experiments/any_model_ptq.py            # ~3 minutes of CPU
 """
@@ -207,6 +209,10 @@ def rel_err(y, ref) -> float:
 # --- the runs ----------------------------------------------------------------------------------
 
 
+# The regex naming each model's repeated blocks (sequential GPTQ); the CNN has none.
+BLOCKS = {"linen_cnn": None, "linen_vit": r"block_\d+", "nnx_lm": r"blocks/\d+"}
+
+
 def _linen_rows(name, model, make_x, n_batches: int, batch: int, seed: int) -> dict:
     x = make_x(seed, 2)
     variables = jax.jit(model.init)(jax.random.key(seed), x)
@@ -223,9 +229,14 @@ def _linen_rows(name, model, make_x, n_batches: int, batch: int, seed: int) -> d
         y = jax.jit(qmodel.apply)(serving, x_test)
         t_gptq = time.time() - t0
         rtn = to_serving(qmodel, variables)
+        seq = None
+        if BLOCKS[name] and bits == 4:
+            seq_serving = calibrate_and_convert(qmodel, variables, batches, blocks=BLOCKS[name])
+            seq = rel_err(jax.jit(qmodel.apply)(seq_serving, x_test), ref)
         rows[f"int{bits}"] = {
             "rtn_rel_err": rel_err(jax.jit(qmodel.apply)(rtn, x_test), ref),
             "gptq_rel_err": rel_err(y, ref),
+            "gptq_sequential_rel_err": seq,
             "serving_bytes": tree_bytes(serving),
             "f32_bytes": f32,
             "vs_f32": tree_bytes(serving) / f32,
@@ -251,9 +262,13 @@ def _nnx_rows(name, n_batches: int, batch: int, seed: int, length: int = 32) -> 
         y = served(x_test)
         t_gptq = time.time() - t0
         rtn = to_serving(qmodel)
+        seq = None
+        if bits == 4:
+            seq = rel_err(calibrate_and_convert(qmodel, batches, blocks=BLOCKS[name])(x_test), ref)
         rows[f"int{bits}"] = {
             "rtn_rel_err": rel_err(rtn(x_test), ref),
             "gptq_rel_err": rel_err(y, ref),
+            "gptq_sequential_rel_err": seq,
             "serving_bytes": tree_bytes(nnx_tree(served)),
             "f32_bytes": f32,
             "vs_f32": tree_bytes(nnx_tree(served)) / f32,
@@ -290,7 +305,8 @@ def run(n_batches: int = 4, batch: int = 32, seed: int = 0, models=("linen_cnn",
 
 def environment() -> dict:
     """Device, versions, date (``jaxquant.eval.tasks.environment``), the commit that measures
-    (``-dirty`` when jaxquant/ or this script have uncommitted changes) and the load."""
+    (``-dirty`` when the packages this runs, or this script, have uncommitted changes) and the
+    load."""
     from jaxquant.eval import tasks
 
     root = Path(__file__).resolve().parents[1]
@@ -303,7 +319,8 @@ def environment() -> dict:
             return ""
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--", "jaxquant", "experiments/any_model_ptq.py"):
+    if git("status", "--porcelain", "--", "jaxquant/core", "jaxquant/nn", "jaxquant/ptq",
+           "experiments/any_model_ptq.py"):
         commit += "-dirty"
     import flax
 

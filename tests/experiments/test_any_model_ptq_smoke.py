@@ -23,3 +23,5 @@ def test_run_one_batch():
         assert int8["gptq_rel_err"] < int4["gptq_rel_err"], name
         # GPTQ beats RTN at int4 on held-out draws of the calibration distribution
         assert int4["gptq_rel_err"] < int4["rtn_rel_err"], name
+        assert int4["gptq_sequential_rel_err"] < int4["rtn_rel_err"], name
+        assert int8["gptq_sequential_rel_err"] is None, name  # sequential: int4 rows only
