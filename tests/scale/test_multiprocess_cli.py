@@ -86,10 +86,10 @@ def _one(tmp_path: Path, name: str, *argv: str) -> dict:
 _is_q = lambda x: isinstance(x, QArray)  # noqa: E731
 
 
-def assert_same_quantized(a, b, *, max_code_frac: float) -> None:
-    """``b`` equals ``a``: float leaves to float precision, QArray scales to float precision,
-    codes exactly except a fraction ``max_code_frac`` that may be one quantization step apart
-    (a reassociated float sum that tips a value over a rounding boundary)."""
+def assert_same_quantized(a, b, *, max_code_frac: float = 0.0, max_steps: int = 0) -> None:
+    """``b`` equals ``a``: float leaves and QArray scales to float precision, codes exactly
+    except a fraction ``max_code_frac`` of them (over all kernels) that may be up to
+    ``max_steps`` quantization steps apart."""
     pairs = list(zip(jax.tree.leaves(a, is_leaf=_is_q), jax.tree.leaves(b, is_leaf=_is_q),
                      strict=True))
     n_codes, n_diff = 0, 0
@@ -99,7 +99,7 @@ def assert_same_quantized(a, b, *, max_code_frac: float) -> None:
             continue
         np.testing.assert_allclose(np.asarray(y.scale), np.asarray(x.scale), rtol=1e-5)
         cx, cy = np.asarray(x.codes(), np.int32), np.asarray(y.codes(), np.int32)
-        assert np.abs(cx - cy).max(initial=0) <= (1 if max_code_frac else 0)
+        assert np.abs(cx - cy).max(initial=0) <= max_steps
         n_codes, n_diff = n_codes + cx.size, n_diff + int((cx != cy).sum())
     assert n_codes > 0 and n_diff <= max_code_frac * n_codes, (n_diff, n_codes)
 
@@ -126,7 +126,7 @@ def test_two_process_ptq_writes_one_checkpoint_equal_to_one_process(rtn_two, tmp
     one_cfg, one, _ = saved.load_quantized(tmp_path / "ck")
     two_cfg, two, side = saved.load_quantized(d / "ck")
     assert two_cfg == one_cfg and side["info"]["scale"]["processes"] == 2
-    assert_same_quantized(one, two, max_code_frac=0.0)
+    assert_same_quantized(one, two)
 
 
 @pytest.mark.slow  # 2 fresh JAX processes, 2 perplexity runs: ~40 s of CPU
@@ -152,13 +152,23 @@ GPTQ = ("--model", "tiny", "--method", "gptq", "--qtype", "int4", "--group-size"
 @pytest.mark.slow  # GPTQ of the tiny model in 2 processes and in one: ~1.5 min of CPU
 def test_two_process_gptq_equals_one_process(tmp_path):
     """Calibration windows split over the processes, the Hessians summed across them by XLA:
-    the same GPTQ codes up to the rare one a reassociated sum moves by one step."""
+    the same GPTQ model as one process.
+
+    Block 0's q/k/v see the same float inputs in both runs: the same codes up to the rare one
+    a reassociated Hessian sum moves by one step. Later layers calibrate on the outputs of
+    already quantized ones, and GPTQ feeds each rounding error into the next columns, so one
+    flipped code can move a few more (measured: 0.9% of all codes, at most 2 steps). A wrong
+    calibration set (another seed, or half of the windows, as a process that summed only its
+    own Hessians would use) changes 20-35% of the codes of every layer: the 5% bound below
+    catches it."""
     two, _ = run_two(tmp_path / "two", "ptq", *GPTQ, "--mesh", "data=2,tensor=2",
                      "--out", str(tmp_path / "two" / "ck"))
     _one(tmp_path, "one", "ptq", *GPTQ, "--out", str(tmp_path / "one"))
     assert two["calibration"]["windows"] == 8
-    assert_same_quantized(saved.load_quantized(tmp_path / "one")[1],
-                          saved.load_quantized(tmp_path / "two" / "ck")[1], max_code_frac=1e-3)
+    one, two = (saved.load_quantized(p)[1] for p in (tmp_path / "one", tmp_path / "two" / "ck"))
+    first = lambda p: {k: p["block_0"]["attn"][k] for k in ("q_proj", "k_proj", "v_proj")}
+    assert_same_quantized(first(one), first(two), max_code_frac=1e-3, max_steps=1)
+    assert_same_quantized(one, two, max_code_frac=0.05, max_steps=3)
 
 
 FT = ("finetune", "--model", "tiny", "--method", "qat:int4:g32", "--steps", "4",
@@ -180,7 +190,7 @@ def test_two_process_finetune_equals_one_process(tmp_path):
     assert sorted(p.name for p in (run / "train").iterdir()) == ["2", "4", "run.json"]
     assert (tmp_path / "two" / "result.png").is_file() and two["plot"].endswith("result.png")
     assert_same_quantized(saved.load_quantized(tmp_path / "one")[1],
-                          saved.load_quantized(run)[1], max_code_frac=1e-3)
+                          saved.load_quantized(run)[1], max_code_frac=1e-3, max_steps=1)
 
 
 # --- process 0 only, with a faked process index ---------------------------------------------
