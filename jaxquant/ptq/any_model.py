@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import re
 from collections.abc import Iterable, Mapping
 
@@ -166,10 +167,10 @@ def quantize_layer(
       ``(qarray, w2)``: the kernel laid out as ``plan.quantize_kernel(kernel)`` lays it out,
       and the quantized matrix ``w2 [d_in, d_out]`` (float32) it represents.
     """
-    w2 = to_matrix(plan, kernel).astype(jnp.float32)
+    w2 = _to_matrix(plan, kernel)
     spec = matrix_spec(plan)
     if stats is None:
-        parts = [_rtn(w2, spec)]
+        parts = (_rtn(w2, spec),)
     else:
         groups = int(stats.count.shape[0])
         cols = w2.shape[1] // groups
@@ -177,6 +178,22 @@ def quantize_layer(
         for j in range(groups):
             h = hessian(jax.tree.map(lambda a, j=j: a[j], stats))
             parts.append(gptq_quantize(w2[:, j * cols : (j + 1) * cols], h, spec, config)[0])
+    q, wq2 = _assemble(plan, tuple(parts))
+    dtype = np.dtype(jnp.asarray(kernel).dtype)
+    if q.dtype != dtype:
+        q = dataclasses.replace(q, dtype=dtype)
+    return q, wq2
+
+
+# One compiled program per layer plan (eager dispatch compiles every small op per shape).
+_rtn = jax.jit(lambda w2, spec: quantize_operand(w2, spec, (0,)), static_argnums=1)
+_to_matrix = jax.jit(lambda plan, w: to_matrix(plan, w).astype(jnp.float32), static_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _assemble(plan: LayerPlan, parts: tuple[QArray, ...]) -> tuple[QArray, jax.Array]:
+    """The kernel QArray (``plan``'s layout) of the quantized matrix whose column blocks are
+    ``parts`` (2-D QArrays laid out as ``quantize_operand(w2, spec, (0,))``), and the matrix."""
     wq2 = jnp.concatenate([q.dequantize(jnp.float32) for q in parts], axis=1)
     scale = jnp.concatenate([q.scale for q in parts], axis=1)
     zp = None
@@ -187,13 +204,7 @@ def quantize_layer(
         scale=scale_to_kernel(plan, scale),
         zero_point=scale_to_kernel(plan, zp),
     )
-    dtype = np.dtype(jnp.asarray(kernel).dtype)
-    if q.dtype != dtype:
-        q = dataclasses.replace(q, dtype=dtype)
     return q, wq2
-
-
-_rtn = jax.jit(lambda w2, spec: quantize_operand(w2, spec, (0,)), static_argnums=1)
 
 
 # --- arguments ---------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ kernels that contract two axes), so the solver compiles twice for the whole file
 
 from __future__ import annotations
 
+import functools
 import warnings
+from types import SimpleNamespace
 
 import flax.linen as nn
 import jax
@@ -113,24 +115,31 @@ LINEN = {
 }
 
 
-def _linen(name, n_batches=4, batch=64):
+@functools.cache
+def linen_run(name: str) -> SimpleNamespace:
+    """A linen model, its quantized form, float variables, 4 calibration batches of 64, held-out
+    inputs, and its RTN (``to_serving``) and GPTQ serving variables (computed once)."""
     cls, inputs, rules = LINEN[name]
     model = cls()
     x = inputs(0, 2)
     qmodel = jq.quantize_model(model, rules, x)
     variables = jax.jit(model.init)(jax.random.key(1), x)
-    batches = [(inputs(10 + i, batch),) for i in range(n_batches)]
-    held_out = inputs(99, 256)
-    return model, qmodel, variables, batches, held_out
+    batches = [(inputs(10 + i, 64),) for i in range(4)]
+    return SimpleNamespace(
+        model=model, qmodel=qmodel, variables=variables, batches=batches, x=inputs(99, 256),
+        rtn=to_serving(qmodel, variables), gptq=calibrate_and_convert(qmodel, variables, batches))
 
 
-def _nnx(n_batches=4, batch=64):
+@functools.cache
+def nnx_run() -> SimpleNamespace:
+    """The NNX model's counterpart of :func:`linen_run` (``served``: the GPTQ serving copy)."""
     model = NNXMLP(nnx.Rngs(0))
     rules = [jq.QuantRule("conv", jq.weight_only("int4", group_size=4)),
              jq.QuantRule(".*", INT4_G16)]
     qmodel = jq.quantize_model(model, rules, images(0, 2))
-    batches = [(images(10 + i, batch),) for i in range(n_batches)]
-    return model, qmodel, batches, images(99, 256)
+    batches = [(images(10 + i, 64),) for i in range(4)]
+    return SimpleNamespace(model=model, qmodel=qmodel, batches=batches, x=images(99, 256),
+                           rtn=to_serving(qmodel), served=calibrate_and_convert(qmodel, batches))
 
 
 # --- (c) im2col ----------------------------------------------------------------------------------
@@ -175,17 +184,16 @@ def test_im2col_rows_times_kernel_matrix_is_the_conv(x_shape, k_shape, kw):
 
 @pytest.mark.parametrize("name", sorted(LINEN))
 def test_rtn_through_the_matrix_views_is_to_serving_linen(name):
-    _, qmodel, variables, batches, _ = _linen(name, n_batches=1)
-    got = calibrate_and_convert(qmodel, variables, batches, method="rtn")
-    assert same_tree(got, to_serving(qmodel, variables))
+    r = linen_run(name)
+    got = calibrate_and_convert(r.qmodel, r.variables, None, method="rtn")
+    assert same_tree(got, r.rtn)
 
 
 def test_rtn_through_the_matrix_views_is_to_serving_nnx():
-    _, qmodel, batches, x = _nnx(n_batches=1)
-    got = calibrate_and_convert(qmodel, None, method="rtn")
-    ref = to_serving(qmodel)
-    assert same_tree(nnx.state(got), nnx.state(ref))
-    np.testing.assert_array_equal(got(x), ref(x))
+    r = nnx_run()
+    got = calibrate_and_convert(r.qmodel, None, method="rtn")
+    assert same_tree(nnx.state(got), nnx.state(r.rtn))
+    np.testing.assert_array_equal(got(r.x), r.rtn(r.x))
 
 
 # --- (a) GPTQ beats RTN on held-out inputs ------------------------------------------------------
@@ -193,78 +201,77 @@ def test_rtn_through_the_matrix_views_is_to_serving_nnx():
 
 @pytest.mark.parametrize("name", sorted(LINEN))
 def test_gptq_beats_rtn_on_held_out_inputs_linen(name):
-    model, qmodel, variables, batches, x = _linen(name)
-    ref = model.apply(variables, x)
-    rtn = rel_err(qmodel.apply(to_serving(qmodel, variables), x), ref)
-    gptq = rel_err(qmodel.apply(calibrate_and_convert(qmodel, variables, batches), x), ref)
+    r = linen_run(name)
+    ref = r.model.apply(r.variables, r.x)
+    rtn = rel_err(r.qmodel.apply(r.rtn, r.x), ref)
+    gptq = rel_err(r.qmodel.apply(r.gptq, r.x), ref)
     assert gptq < 0.85 * rtn, (gptq, rtn)
 
 
 def test_gptq_beats_rtn_on_held_out_inputs_nnx():
-    model, qmodel, batches, x = _nnx()
-    ref = model(x)
-    rtn = rel_err(to_serving(qmodel)(x), ref)
-    served = calibrate_and_convert(qmodel, batches)
-    gptq = rel_err(served(x), ref)
+    r = nnx_run()
+    ref = r.model(r.x)
+    rtn, gptq = rel_err(r.rtn(r.x), ref), rel_err(r.served(r.x), ref)
     assert gptq < 0.85 * rtn, (gptq, rtn)
-    assert isinstance(served, NNXMLP) and qmodel.fc1.kernel.get_value().dtype == jnp.float32
+    assert isinstance(r.served, NNXMLP) and r.qmodel.fc1.kernel.get_value().dtype == jnp.float32
 
 
 # --- (b) what the model serves is the layer-level GPTQ ------------------------------------------
 
 
-def _hessian(rows):
-    rows = jnp.asarray(rows, jnp.float32).reshape(-1, rows.shape[-1])
-    return 2.0 * jnp.matmul(rows.T, rows, precision="highest") / rows.shape[0]
+def _hessian(batches_rows):
+    """``2 X^T X / n`` over the rows of every batch, summed batch by batch."""
+    xtx, n = 0.0, 0
+    for rows in batches_rows:
+        rows = jnp.asarray(rows, jnp.float32).reshape(-1, rows.shape[-1])
+        xtx = xtx + jnp.matmul(rows.T, rows, precision="highest")
+        n += rows.shape[0]
+    return 2.0 * xtx / n
 
 
-def _assert_serves(plan, q, w, rows):
-    """``q`` (the served kernel) is ``gptq_quantize`` of ``w``'s matrix on ``rows``'s Hessian."""
-    ref, _ = gptq_quantize(to_matrix(plan, w), _hessian(rows), matrix_spec(plan))
+def _assert_serves(plan, q, w, batches_rows):
+    """``q`` (the served kernel) is ``gptq_quantize`` of ``w``'s matrix on the Hessian of the
+    layer inputs' rows, one ``[..., d_in]`` array per calibration batch."""
+    ref, _ = gptq_quantize(to_matrix(plan, w), _hessian(batches_rows), matrix_spec(plan))
     np.testing.assert_array_equal(q.dequantize(jnp.float32), from_matrix(plan, ref.dequantize()))
     assert q.qvalue.dtype == ref.qvalue.dtype and q.pack_axis is not None
 
 
 def test_served_kernels_are_the_layer_gptq_linen_dense_and_nd():
-    model, qmodel, variables, batches, _ = _linen("mlp", n_batches=1, batch=128)
-    p = variables["params"]
-    serving = calibrate_and_convert(qmodel, variables, batches)
-    plans = layer_plans(qmodel)
-    x = batches[0][0]
-    _assert_serves(plans["Dense_0"], serving["params"]["Dense_0"]["kernel"],
-                   p["Dense_0"]["kernel"], x)
-    h = nn.relu(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
-    _assert_serves(plans["Dense_1"], serving["params"]["Dense_1"]["kernel"],
-                   p["Dense_1"]["kernel"], h)
+    r = linen_run("mlp")
+    p, sp, plans = r.variables["params"], r.gptq["params"], layer_plans(r.qmodel)
+    xs = [b[0] for b in r.batches]
+    _assert_serves(plans["Dense_0"], sp["Dense_0"]["kernel"], p["Dense_0"]["kernel"], xs)
+    hs = [nn.relu(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]) for x in xs]
+    _assert_serves(plans["Dense_1"], sp["Dense_1"]["kernel"], p["Dense_1"]["kernel"], hs)
 
-    model, qmodel, variables, batches, _ = _linen("nd", n_batches=1)
-    serving = calibrate_and_convert(qmodel, variables, batches)
-    plans = layer_plans(qmodel)
-    _, inter = model.apply(variables, batches[0][0], capture_intermediates=True)
-    (h,) = inter["intermediates"]["DenseGeneral_0"]["__call__"]
-    (y,) = inter["intermediates"]["Einsum_0"]["__call__"]
-    p = variables["params"]
-    _assert_serves(plans["Einsum_0"], serving["params"]["Einsum_0"]["kernel"],
-                   p["Einsum_0"]["kernel"], nn.gelu(h).reshape(-1, D))
-    _assert_serves(plans["DenseGeneral_1"], serving["params"]["DenseGeneral_1"]["kernel"],
-                   p["DenseGeneral_1"]["kernel"], nn.relu(h + y.reshape(h.shape)).reshape(-1, D))
+    r = linen_run("nd")
+    p, sp, plans = r.variables["params"], r.gptq["params"], layer_plans(r.qmodel)
+    einsum_in, dense_in = [], []
+    for (x,) in r.batches:
+        _, inter = r.model.apply(r.variables, x, capture_intermediates=True)
+        (h,) = inter["intermediates"]["DenseGeneral_0"]["__call__"]
+        (y,) = inter["intermediates"]["Einsum_0"]["__call__"]
+        einsum_in.append(nn.gelu(h).reshape(-1, D))
+        dense_in.append(nn.relu(h + y.reshape(h.shape)).reshape(-1, D))
+    _assert_serves(plans["Einsum_0"], sp["Einsum_0"]["kernel"], p["Einsum_0"]["kernel"],
+                   einsum_in)
+    _assert_serves(plans["DenseGeneral_1"], sp["DenseGeneral_1"]["kernel"],
+                   p["DenseGeneral_1"]["kernel"], dense_in)
 
 
 def test_served_kernels_are_the_layer_gptq_conv_and_nnx():
-    model, qmodel, variables, batches, _ = _linen("cnn", n_batches=1)
-    serving = calibrate_and_convert(qmodel, variables, batches)
-    plan = layer_plans(qmodel)["Conv_0"]
-    x = batches[0][0]
-    w = variables["params"]["Conv_0"]["kernel"]
-    patches = lax.conv_general_dilated_patches(x, (2, 2), (1, 1), "SAME",
-                                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    _assert_serves(plan, serving["params"]["Conv_0"]["kernel"], w, patches)
+    r = linen_run("cnn")
+    patches = [lax.conv_general_dilated_patches(x, (2, 2), (1, 1), "SAME",
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+               for (x,) in r.batches]
+    _assert_serves(layer_plans(r.qmodel)["Conv_0"], r.gptq["params"]["Conv_0"]["kernel"],
+                   r.variables["params"]["Conv_0"]["kernel"], patches)
 
-    model, qmodel, batches, _ = _nnx(n_batches=1)
-    served = calibrate_and_convert(qmodel, batches)
-    plan = layer_plans(qmodel)["fc1"]
-    h = nnx.relu(model.conv(batches[0][0])).mean(axis=(1, 2))
-    _assert_serves(plan, served.fc1.kernel.get_value(), model.fc1.kernel.get_value(), h)
+    r = nnx_run()
+    hs = [nnx.relu(r.model.conv(x)).mean(axis=(1, 2)) for (x,) in r.batches]
+    _assert_serves(layer_plans(r.qmodel)["fc1"], r.served.fc1.kernel.get_value(),
+                   r.model.fc1.kernel.get_value(), hs)
 
 
 # --- sequential GPTQ (blocks=) ----------------------------------------------------------------
@@ -273,34 +280,33 @@ def test_served_kernels_are_the_layer_gptq_conv_and_nnx():
 def test_sequential_gptq_calibrates_each_block_on_the_quantized_blocks_before_it():
     """With ``blocks``, a layer's Hessian comes from inputs computed with the earlier blocks'
     kernels already quantized (and the first block's is the one-shot one)."""
-    model, qmodel, variables, batches, _ = _linen("mlp", n_batches=1, batch=128)
-    seq = calibrate_and_convert(qmodel, variables, batches, blocks=r"Dense_\d+")
-    one_shot = calibrate_and_convert(qmodel, variables, batches)
-    plans, p, sp = layer_plans(qmodel), variables["params"], seq["params"]
-    assert same_tree(sp["Dense_0"], one_shot["params"]["Dense_0"])
-    x = batches[0][0]
+    r = linen_run("mlp")
+    seq = calibrate_and_convert(r.qmodel, r.variables, r.batches, blocks=r"Dense_\d+")
+    plans, p, sp = layer_plans(r.qmodel), r.variables["params"], seq["params"]
+    assert same_tree(sp["Dense_0"], r.gptq["params"]["Dense_0"])
     w0 = sp["Dense_0"]["kernel"].dequantize(jnp.float32)
-    _assert_serves(plans["Dense_1"], sp["Dense_1"]["kernel"], p["Dense_1"]["kernel"],
-                   nn.relu(x @ w0 + p["Dense_0"]["bias"]))
-    assert not same_tree(sp["Dense_1"], one_shot["params"]["Dense_1"])
+    hs = [nn.relu(x @ w0 + p["Dense_0"]["bias"]) for (x,) in r.batches]
+    _assert_serves(plans["Dense_1"], sp["Dense_1"]["kernel"], p["Dense_1"]["kernel"], hs)
+    assert not same_tree(sp["Dense_1"], r.gptq["params"]["Dense_1"])
 
-    model, qmodel, batches, _ = _nnx(n_batches=1)
-    served = calibrate_and_convert(qmodel, batches, blocks=r"fc\d")
-    ref = nnx.clone(model)
+    r = nnx_run()
+    served = calibrate_and_convert(r.qmodel, r.batches, blocks=r"fc\d")
+    ref = nnx.clone(r.model)
     for name in ("conv", "fc1"):
         getattr(ref, name).kernel.set_value(getattr(served, name).kernel.get_value().dequantize())
-    h = nnx.relu(ref.fc1(nnx.relu(ref.conv(batches[0][0])).mean(axis=(1, 2))))
-    _assert_serves(layer_plans(qmodel)["fc2"], served.fc2.kernel.get_value(),
-                   model.fc2.kernel.get_value(), h)
+    hs = [nnx.relu(ref.fc1(nnx.relu(ref.conv(x)).mean(axis=(1, 2)))) for (x,) in r.batches]
+    _assert_serves(layer_plans(r.qmodel)["fc2"], served.fc2.kernel.get_value(),
+                   r.model.fc2.kernel.get_value(), hs)
     with pytest.raises(ValueError, match="matches the start of no quantized layer"):
-        calibrate_and_convert(qmodel, batches, blocks=r"block_\d+")
+        calibrate_and_convert(r.qmodel, r.batches, blocks=r"block_\d+")
 
 
 # --- (d) bad input ------------------------------------------------------------------------------
 
 
 def test_bad_input_raises_one_line_value_errors():
-    _, qmodel, variables, batches, _ = _linen("mlp", n_batches=1)
+    r = linen_run("mlp")
+    qmodel, variables, batches = r.qmodel, r.variables, r.batches[:1]
     cases = {
         "wrong shape": lambda: calibrate_and_convert(
             qmodel, variables, [(jnp.ones((4, D - 3)),)]),
@@ -332,6 +338,5 @@ def test_bad_input_raises_one_line_value_errors():
     with pytest.raises(ValueError, match="Dense_0: GPTQ needs intN"):
         calibrate_and_convert(nf4, variables, batches)
 
-    _, nq, nbatches, _ = _nnx(n_batches=1)
     with pytest.raises(ValueError, match="NNX model holds its own params"):
-        calibrate_and_convert(nq, {"params": {}}, nbatches)
+        calibrate_and_convert(nnx_run().qmodel, {"params": {}}, batches)
