@@ -566,8 +566,10 @@ def finetune(
     prepared = method.prepare(model, config, resume=resume, dataset=dataset, progress=progress)
     opt = config.optimizer()
     state = method.init_state(prepared, opt)
-    if resume:  # the restore target: shapes only
-        state = jax.eval_shape(lambda: state)
+    if resume:  # the restore target: shapes and shardings only (each shard lands in place;
+        # several processes can only save and step global arrays)
+        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+                             if isinstance(x, jax.Array) else x, state)
     tag = {"model": model.name, "data": dataset, **config.tag(), "seq_len": seq_len}
     loop = LoopConfig(steps=config.steps, checkpoint_every=config.checkpoint_every,
                       progress=progress, desc=f"finetune {method.name}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -191,6 +192,23 @@ def test_two_process_finetune_equals_one_process(tmp_path):
     assert (tmp_path / "two" / "result.png").is_file() and two["plot"].endswith("result.png")
     assert_same_quantized(saved.load_quantized(tmp_path / "one")[1],
                           saved.load_quantized(run)[1], max_code_frac=1e-3, max_steps=1)
+
+
+@pytest.mark.slow  # QAT in one process, then resumed in 2: ~1.5 min
+def test_two_processes_resume_a_one_process_run(tmp_path):
+    """A run that one process stopped after step 2 (its step-4 checkpoint and serving model
+    removed) resumes in 2 processes onto the mesh (each restores its shards): steps 3 and 4
+    give the uninterrupted run's losses."""
+    one = _one(tmp_path, "one", *FT, "--out", str(tmp_path / "one"))
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "one", cut)
+    shutil.rmtree(cut / "train" / "4")
+    shutil.rmtree(cut / "params")
+    (cut / "jaxquant.json").unlink()
+    two, _ = run_two(tmp_path / "two", *FT, *MESH, "--out", str(cut), "--resume")
+    assert two["resumed_from"] == 2
+    np.testing.assert_allclose(two["loss_curve"], one["loss_curve"], rtol=1e-5)
+    assert two["perplexity"] == pytest.approx(one["perplexity"], rel=1e-4)
 
 
 # --- process 0 only, with a faked process index ---------------------------------------------
