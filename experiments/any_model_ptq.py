@@ -23,8 +23,6 @@ product to calibrate for a lookup).
     python experiments/any_model_ptq.py            # ~3 minutes of CPU
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import os
