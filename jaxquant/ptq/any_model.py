@@ -13,7 +13,8 @@ adapted to the layer). The result is laid out exactly as ``to_serving`` lays it 
 serves it unchanged. All layers' statistics come from one float pass (one-shot).
 
 Layers GPTQ does not apply to (embeddings, attention products) are converted as ``to_serving``
-converts them.
+converts them. Capturing the inputs is :mod:`jaxquant.ptq.layer_inputs`; the matrix views are
+:mod:`jaxquant.ptq.kernel_view`.
 
 Example (linen)::
 
@@ -31,11 +32,10 @@ Example (NNX)::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
@@ -48,25 +48,20 @@ from jaxquant.core.dot_general import quantize_operand
 from jaxquant.core.qtypes import QKind, get_qtype
 from jaxquant.nn.any_model import layer_plans
 from jaxquant.nn.layer_quant import LayerPlan, Op
-from jaxquant.nn.linen_model import convert_linen, float_linen
-from jaxquant.nn.rules import module_path
+from jaxquant.nn.linen_model import convert_linen
 from jaxquant.ptq.gptq import GPTQConfig, gptq_quantize
-from jaxquant.ptq.hessian import InputStats, hessian, stats_init, stats_update
+from jaxquant.ptq.hessian import InputStats, hessian
 from jaxquant.ptq.kernel_view import (
-    LayerCallError,
-    conv_rows,
-    dot_rows,
-    einsum_rows,
     from_matrix,
     matrix_spec,
     matrix_view,
     scale_to_kernel,
     to_matrix,
 )
+from jaxquant.ptq.layer_inputs import iter_batches, measure
 
 METHODS = ("rtn", "gptq")
 _GPTQ_DEFAULT = GPTQConfig()
-_HOOKS = {Op.DOT: "dot_general", Op.CONV: "conv_general_dilated", Op.EINSUM: "einsum_op"}
 
 
 def calibrate_and_convert(
@@ -133,7 +128,7 @@ def calibrate_and_convert(
     if method == "rtn":
         kernels = {p: quantize_layer(plan, weights[p], None)[0] for p, plan in targets.items()}
     elif blocks is None:
-        stats, _ = _measure(*call, targets, batches)
+        stats, _ = measure(*call, targets, batches)
         kernels = {p: quantize_layer(plan, weights[p], stats[p], gptq)[0]
                    for p, plan in targets.items()}
     else:
@@ -229,211 +224,6 @@ def _split_args(linen: bool, args):
     return None, args[0]
 
 
-def _batches(batches: Iterable):
-    """Yields ``(i, batch)`` with each batch a tuple of arrays; raises on an empty iterable."""
-    if isinstance(batches, (jax.Array, np.ndarray)):
-        raise ValueError(
-            "calib_batches is one array; pass an iterable of tuples of inputs: [(x1,), (x2,)]."
-        )
-    n = 0
-    for i, b in enumerate(batches):
-        if not isinstance(b, (tuple, list)):
-            raise ValueError(
-                f"calib_batches[{i}] is a {type(b).__name__}, not a tuple of the model's "
-                "positional inputs; wrap one input as (x,)."
-            )
-        n += 1
-        yield i, tuple(b)
-    if n == 0:
-        raise ValueError("calib_batches is empty: pass at least one tuple of model inputs.")
-
-
-def _shapes(batch) -> list:
-    return [tuple(np.shape(x)) for x in jax.tree.leaves(batch)]
-
-
-# --- measuring: the float forward with every quantized layer's input captured ------------------
-
-
-class _Sink:
-    """Rows captured during one traced forward: ``{path: [rows [groups, tokens, d_in], ...]}``."""
-
-    def __init__(self, targets: Mapping[str, LayerPlan]):
-        self.targets = targets
-        self.rows: dict[str, list] = {}
-        self.order: list[str] = []  # paths in the order the forward first calls them
-
-    def add(self, path: str, rows: jax.Array) -> None:
-        if path not in self.order:
-            self.order.append(path)
-        self.rows.setdefault(path, []).append(rows)
-
-    def take(self) -> dict[str, jax.Array]:
-        out = {p: jnp.concatenate(r, axis=1) for p, r in self.rows.items()}
-        self.rows = {}
-        return out
-
-
-def _capture_fn(plan: LayerPlan, sink: _Sink):
-    """A float product for ``plan``'s hook that records its input's rows."""
-    if plan.op is Op.CONV:
-
-        def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                 dimension_numbers=None, feature_group_count=1, batch_group_count=1, **kw):
-            sink.add(plan.path, conv_rows(
-                plan, lhs, rhs.shape, window_strides, padding, lhs_dilation, rhs_dilation,
-                dimension_numbers, feature_group_count, batch_group_count))
-            return jax.lax.conv_general_dilated(
-                lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-                rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                feature_group_count=feature_group_count, batch_group_count=batch_group_count,
-                **kw)
-
-        return conv
-    if plan.op is Op.EINSUM:
-
-        def ein(subscripts, lhs, rhs, **kw):
-            sink.add(plan.path, einsum_rows(plan, subscripts, lhs)[None])
-            kw = {k: v for k, v in kw.items() if v is not None}
-            return jnp.einsum(subscripts, lhs, rhs, **kw)
-
-        return ein
-
-    def dot(lhs, rhs, dimension_numbers, *a, **kw):
-        sink.add(plan.path, dot_rows(plan, lhs, dimension_numbers)[None])
-        if kw.get("out_sharding", 0) is None:
-            kw.pop("out_sharding")
-        return jax.lax.dot_general(lhs, rhs, dimension_numbers, *a, **kw)
-
-    return dot
-
-
-@contextlib.contextmanager
-def _patched(mod, attrs: Mapping):
-    """Sets attributes on a (frozen) linen module for one call, and restores them."""
-    saved = {k: mod.__dict__[k] for k in attrs if k in mod.__dict__}
-    for k, v in attrs.items():
-        object.__setattr__(mod, k, v)
-    try:
-        yield
-    finally:
-        for k in attrs:
-            if k in saved:
-                object.__setattr__(mod, k, saved[k])
-            else:
-                object.__delattr__(mod, k)
-
-
-def _linen_interceptor(sink: _Sink):
-    def interceptor(next_fun, args, kwargs, ctx):
-        if ctx.method_name != "__call__":
-            return next_fun(*args, **kwargs)
-        mod = ctx.module
-        plan = sink.targets.get(module_path(mod))
-        if plan is None:
-            return next_fun(*args, **kwargs)
-        if plan.op is Op.EINSUM:  # linen's Einsum has no hook: its input is the call's
-            x = args[0] if args else kwargs["inputs"]
-            eq = kwargs.get("einsum_str", args[1] if len(args) > 1 else None) or mod.einsum_str
-            sink.add(plan.path, einsum_rows(plan, eq, x)[None])
-            return next_fun(*args, **kwargs)
-        hook = _HOOKS[plan.op]
-        with _patched(mod, {hook: _capture_fn(plan, sink), hook + "_cls": None}):
-            return next_fun(*args, **kwargs)
-
-    return interceptor
-
-
-def _forward(qmodel, variables, call_kwargs, linen, targets, overrides=None):
-    """``(fn, state, sink)``: ``fn(state, batch)`` runs the float model (with the kernels of
-    ``overrides``, ``{path: kernel}``, in place of the model's) and returns the captured rows
-    ``{path: [groups, tokens, d_in]}`` of the ``targets``."""
-    sink = _Sink(targets)
-    plans = layer_plans(qmodel)
-    overrides = dict(overrides or {})
-    if linen:
-        model = float_linen(qmodel)
-        interceptor = _linen_interceptor(sink)
-        if overrides:
-            flat = traverse_util.flatten_dict(_as_dict(variables["params"]))
-            for p, w in overrides.items():
-                flat[(*(k for k in p.split("/") if k), plans[p].weight_name)] = w
-            variables = {**variables, "params": traverse_util.unflatten_dict(flat)}
-
-        def fn(variables, batch):
-            with nn.intercept_methods(interceptor):
-                model.apply(variables, *batch, **call_kwargs)
-            return sink.take()
-
-        return fn, variables, sink
-    from flax import nnx
-
-    from jaxquant.nn.nnx_model import QuantEmbed
-    from jaxquant.nn.quant_attention import NnxAttentionFn
-
-    model = nnx.clone(qmodel)
-    for keys, node in list(nnx.iter_graph(model)):  # every quantized product back to float
-        path = "/".join(str(k) for k in keys)
-        if isinstance(node, QuantEmbed):
-            object.__setattr__(node, "__class__", nnx.Embed)
-        elif isinstance(node, nnx.MultiHeadAttention) and isinstance(
-            node.attention_fn, NnxAttentionFn
-        ):
-            node.attention_fn = nnx.dot_product_attention
-        elif path in plans and plans[path].op in _HOOKS and isinstance(node, nnx.Module):
-            into = sink if path in targets else _Sink({})  # float weights: run, record nothing
-            setattr(node, _HOOKS[plans[path].op], _capture_fn(plans[path], into))
-            if path in overrides:
-                getattr(node, plans[path].weight_name).set_value(overrides[path])
-    graphdef, state = nnx.split(model)
-
-    def fn(state, batch):
-        nnx.merge(graphdef, state)(*batch, **call_kwargs)
-        return sink.take()
-
-    return fn, state, sink
-
-
-def _measure(qmodel, variables, call_kwargs, linen, targets, batches, overrides=None):
-    """``(stats, order)``: per target layer, :class:`InputStats` of its rows over all batches
-    (leading groups axis), and the targets in the order the forward calls them."""
-    fn, state, sink = _forward(qmodel, variables, call_kwargs, linen, targets, overrides)
-
-    def step(state, batch, stats):
-        rows = fn(state, batch)
-        return {p: jax.vmap(stats_update)(stats[p], rows[p]) for p in stats}
-
-    step = jax.jit(step)
-    stats = None
-    for i, batch in _batches(batches):
-        try:
-            if stats is None:
-                shapes = jax.eval_shape(fn, state, batch)
-            else:
-                stats = step(state, batch, stats)
-        except LayerCallError:
-            raise
-        except Exception as e:  # the model's own error on a bad batch
-            msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-            raise ValueError(
-                f"calib_batches[{i}] (input shapes {_shapes(batch)}): the model's float forward "
-                f"failed on it ({type(e).__name__}: {msg}). Pass tuples of inputs like the "
-                "example inputs given to quantize_model."
-            ) from e
-        if stats is None:
-            missing = sorted(set(targets) - set(shapes))
-            if missing:
-                raise ValueError(
-                    f"layers {missing[:4]} are quantized, but the model's forward on the "
-                    "calibration batches never calls them; pass inputs that reach them."
-                )
-            stats = step(state, batch, {p: _stats_init(*shapes[p].shape[::2]) for p in targets})
-    for p, s in stats.items():
-        if int(s.count.min()) == 0:
-            raise ValueError(f"{p}: no calibration token reached this layer.")
-    return stats, list(sink.order)
-
-
 def _sequential(qmodel, variables, call_kwargs, linen, targets, batches, weights, blocks, cfg):
     """Sequential GPTQ: group by group (see ``blocks`` of :func:`calibrate_and_convert`)."""
     try:
@@ -448,9 +238,9 @@ def _sequential(qmodel, variables, call_kwargs, linen, targets, batches, weights
     if not any(block_of(p) for p in targets):
         raise ValueError(f"blocks={blocks!r} matches the start of no quantized layer's path "
                          f"(paths: {sorted(targets)[:6]}).")
-    batches = [b for _, b in _batches(batches)]  # read once, replayed for every group
+    batches = [b for _, b in iter_batches(batches)]  # read once, replayed for every group
     call = (qmodel, variables, call_kwargs, linen)
-    _, order = _measure(*call, targets, batches[:1])  # the execution order
+    _, order = measure(*call, targets, batches[:1])  # the execution order
     groups: list[list[str]] = []
     for p in order:
         if groups and block_of(groups[-1][0]) == block_of(p):
@@ -459,17 +249,12 @@ def _sequential(qmodel, variables, call_kwargs, linen, targets, batches, weights
             groups.append([p])
     kernels, done = {}, {}
     for group in groups:
-        stats, _ = _measure(*call, {p: targets[p] for p in group}, batches, done)
+        stats, _ = measure(*call, {p: targets[p] for p in group}, batches, done)
         for p in group:
             q, wq2 = quantize_layer(targets[p], weights[p], stats[p], cfg)
             kernels[p] = q
             done[p] = from_matrix(targets[p], wq2).astype(jnp.asarray(weights[p]).dtype)
     return kernels
-
-
-def _stats_init(groups: int, d_in: int) -> InputStats:
-    s = stats_init(d_in)
-    return jax.tree.map(lambda a: jnp.broadcast_to(a, (groups, *a.shape)), s)
 
 
 def _float_weights(qmodel, variables, targets, linen) -> dict[str, jax.Array]:
