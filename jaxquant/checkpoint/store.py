@@ -23,10 +23,8 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
-import uuid
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 
 from jaxquant.checkpoint.common import (
@@ -36,6 +34,7 @@ from jaxquant.checkpoint.common import (
     restore_with,
     save_args,
 )
+from jaxquant.checkpoint.primary import agreed_token, is_primary, on_primary
 from jaxquant.checkpoint.tree_codec import ARRAYS_ITEM, META_ITEM, encode
 
 __all__ = ["metadata", "restore", "save"]
@@ -91,31 +90,33 @@ def save(directory: str | os.PathLike, tree: PyTree, *, force: bool = False) -> 
             f"{directory} already exists. Pass force=True to replace it (the old checkpoint is "
             "kept until the new one is complete), or choose another directory."
         )
-    if jax.process_count() > 1:
-        raise NotImplementedError(
-            "save(force=True) swaps directories from one process; in a multi-process run save "
-            "to a new directory or use CheckpointManager."
-        )
     if not directory.is_dir() or (any(directory.iterdir()) and not _is_checkpoint(directory)):
         raise ValueError(
             f"{directory} exists and is not a checkpoint; refusing to replace it with "
             "force=True. Delete it yourself or choose another directory."
         )
-    _remove_leftovers(directory)
-    tag = uuid.uuid4().hex[:8]
+    # Several processes: all write their shards into one staging folder (one agreed name),
+    # process 0 alone removes leftovers and swaps, and none returns before the swap is done.
+    on_primary(lambda: _remove_leftovers(directory), f"cleaning up next to {directory}")
+    tag = agreed_token()[:8]
     staging = directory.with_name(f"{directory.name}.jaxquant-new-{tag}")
     old = directory.with_name(f"{directory.name}.jaxquant-old-{tag}")
     try:
         _write(staging, arrays, meta)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if is_primary():
+            shutil.rmtree(staging, ignore_errors=True)
         raise
-    # Swap: until the first rename the old checkpoint is untouched; between the two renames
-    # (microseconds) it sits at `old` and the complete new one at `staging`: restore then
-    # finishes the swap (_recover).
-    os.rename(directory, old)
-    os.rename(staging, directory)
-    shutil.rmtree(old, ignore_errors=True)
+
+    def swap():
+        # Until the first rename the old checkpoint is untouched; between the two renames
+        # (microseconds) it sits at `old` and the complete new one at `staging`: restore then
+        # finishes the swap (_recover).
+        os.rename(directory, old)
+        os.rename(staging, directory)
+        shutil.rmtree(old, ignore_errors=True)
+
+    on_primary(swap, f"replacing {directory}")
     return directory
 
 
@@ -158,7 +159,12 @@ def _recover(directory: pathlib.Path) -> None:
     for old in directory.parent.glob(f"{directory.name}.jaxquant-old-*"):
         new = old.with_name(old.name.replace(".jaxquant-old-", ".jaxquant-new-"))
         if new.is_dir() and _is_checkpoint(new) and (new / META_ITEM).is_dir():
-            os.rename(new, directory)
+            try:
+                os.rename(new, directory)
+            except OSError:
+                if not directory.is_dir():
+                    raise
+                return  # another process of a multi-process run finished it first
             shutil.rmtree(old, ignore_errors=True)
             return
 

@@ -280,3 +280,20 @@ def test_checkpoint_round_trip_unaffected_on_one_process(tmp_path):
     saved.save_quantized(tmp_path / "ck", TransformerConfig.tiny(), params, {"recipe": "fp32"})
     restored = checkpoint.restore(tmp_path / "ck" / "params")
     np.testing.assert_array_equal(np.asarray(restored["w"]), params["w"])
+
+
+def test_forced_checkpoint_save_on_process_1_leaves_the_swap_to_process_0(process_1, tmp_path,
+                                                                          monkeypatch):
+    """``checkpoint.save(force=True)`` with several processes (e.g. a (Q)LoRA run's adapters
+    saved again on --resume): process 1 writes its shards into the agreed staging folder and
+    neither deletes nor renames anything."""
+    from jaxquant.checkpoint import store
+    from jaxquant.checkpoint.tree_codec import META_ITEM
+
+    existing = tmp_path / "adapters"
+    (existing / META_ITEM).mkdir(parents=True)
+    monkeypatch.setattr(store, "_write", lambda path, arrays, meta: path.mkdir())
+    store.save(existing, {"w": np.zeros(3, np.float32)}, force=True)
+    assert (existing / META_ITEM).is_dir()  # the old one stays until process 0 swaps
+    (staging,) = [p for p in tmp_path.iterdir() if p != existing]
+    assert staging.name.startswith("adapters.jaxquant-new-") and process_1["calls"] == 3
