@@ -4,7 +4,15 @@
 :func:`jaxquant.nn.mesh.make_mesh`) and, for several processes, ``--coordinator HOST:PORT
 --num-processes N --process-id I`` (:func:`jax.distributed.initialize`; on a TPU pod none of
 them: the pod is found from its environment). Every process runs the same command line; only
-process 0 writes ``--json``.
+process 0 writes ``--json`` and the files the run shares (the checkpoint's sidecar and its
+renames, ``run.json``, the loss plot), and the others wait for those
+(:mod:`jaxquant.checkpoint.primary`); Orbax array checkpoints are written by every process,
+each its own shards. Two processes on one machine (gloo CPU collectives; what
+``tests/scale/test_multiprocess_cli.py`` runs)::
+
+    for i in 0 1; do XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu \\
+      jaxquant ptq --model tiny --method gptq --mesh data=2,tensor=2 --out /tmp/q --json \\
+      /tmp/q.json --coordinator localhost:12355 --num-processes 2 --process-id $i & done; wait
 
 What runs sharded, all through ``jax.jit`` and XLA's SPMD partitioner (no hand-written
 communication):
