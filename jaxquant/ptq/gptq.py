@@ -33,6 +33,8 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxquant.core import calibration
 from jaxquant.core.dot_general import operand_spec
@@ -162,10 +164,58 @@ def _inverse_cholesky(h: jax.Array, damp: float) -> jax.Array:
     return jnp.linalg.cholesky(hinv).T
 
 
+def column_axes(w) -> tuple[Mesh, tuple[str, ...]] | None:
+    """The mesh and mesh axes to run GPTQ's sweep over, split by output columns, for a kernel
+    ``w [d_in, d_out]`` placed on a device mesh; None for a kernel on one device.
+
+    GPTQ's output columns are independent (the error feedback runs along the inputs, and every
+    column shares ``H``), so each device can sweep its own block of columns with the whole
+    ``H^-1``: no communication but the loss's sum. The axes are the mesh axes that shard either
+    dimension of ``w`` (a tensor-parallel layer split by rows is swept by columns all the same),
+    kept in mesh order while their product divides ``d_out``.
+    """
+    sharding = getattr(w, "sharding", None)
+    if not isinstance(sharding, NamedSharding) or sharding.mesh.size == 1:
+        return None
+    used = {a for entry in sharding.spec if entry is not None
+            for a in ((entry,) if isinstance(entry, str) else entry)}
+    mesh, axes, n = sharding.mesh, [], 1
+    for name in mesh.axis_names:
+        if name in used and w.shape[1] % (n * mesh.shape[name]) == 0:
+            axes.append(name)
+            n *= mesh.shape[name]
+    return (mesh, tuple(axes)) if n > 1 else None
+
+
+@functools.lru_cache(maxsize=64)  # one compiled sweep per (mesh, axes, spec, block, groups)
+def _sharded_sweep(mesh: Mesh, axes: tuple[str, ...], static: tuple):
+    return _sharded_pass(mesh, axes, **dict(static))
+
+
+def _sharded_pass(mesh: Mesh, axes: tuple[str, ...], **static):
+    """:func:`_gptq_pass` with ``wt``'s rows (the output columns) split over ``axes``."""
+    cols = P(axes, None)
+    scales = P(None, axes)
+
+    def local(wt, hinv, s0, z0, group_of_col):
+        q, s_all, z_all, loss = _gptq_pass(wt, hinv, s0, z0, group_of_col, **static)
+        return q, s_all, z_all, jax.lax.psum(loss, axes)
+
+    # check_vma off: the sweep's loop carries start as replicated zeros and become per-device
+    # values, which the varying-axes check would make us cast by hand in _gptq_pass.
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(cols, P(), scales, scales, P()),
+                                 out_specs=(cols, scales, scales, P()), check_vma=False))
+
+
 def gptq_quantize(
     w: jax.Array, h: jax.Array, spec: QuantSpec, config: GPTQConfig = GPTQConfig()
 ) -> tuple[QArray, dict]:
     """GPTQ-quantizes one kernel.
+
+    A kernel placed on a device mesh (a :class:`~jax.sharding.NamedSharding` over several
+    devices) is swept with its output columns split over the mesh axes that shard it (see
+    :func:`column_axes`): each device holds ``d_out / n`` columns and the whole ``H^-1``, and
+    the result equals the one-device sweep (the per-column arithmetic is the same).
 
     Args:
       w: kernel ``[d_in, d_out]``.
@@ -182,6 +232,7 @@ def gptq_quantize(
     Raises:
       ValueError: shape mismatch, or a Hessian that stays singular after dampening.
     """
+    columns = column_axes(w)
     w = jnp.asarray(w, jnp.float32)
     if w.ndim != 2 or h.shape != (w.shape[0], w.shape[0]):
         raise ValueError(f"gptq_quantize needs w [d_in, d_out] and h [d_in, d_in]; got "
@@ -216,9 +267,10 @@ def gptq_quantize(
             f"The Hessian is not positive definite even with damp={config.damp}; raise "
             "GPTQConfig.damp (e.g. 0.05) or use more calibration tokens.")
     block = _block_size(d_in, group, config.block_size)
-    q, s_all, z_all, loss = _gptq_pass(
-        w.T[:, perm], hinv, s0, z0, group_of_col, spec=full, block=block, group=group,
-        static_groups=static)
+    static_args = dict(spec=full, block=block, group=group, static_groups=static)
+    sweep = (functools.partial(_gptq_pass, **static_args) if columns is None
+             else _sharded_sweep(*columns, tuple(sorted(static_args.items()))))
+    q, s_all, z_all, loss = sweep(w.T[:, perm], hinv, s0, z0, group_of_col)
     q_kernel = q[:, np.argsort(perm)].T
     scale = s_all.astype(jnp.dtype(full.scale_dtype))
     zp = None if full.symmetric else z_all.astype(jnp.dtype(full.scale_dtype))

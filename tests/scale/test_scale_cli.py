@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 
-import jax
 import numpy as np
 import pytest
 
 from jaxquant import checkpoint, cli
-from jaxquant.core import QArray
 
 MESH = ("--mesh", "data=2,fsdp=2,tensor=2")
 EV = ("--model", "tiny", "--max-tokens", "1024", "--seq-len", "64", "--batch-size", "4",
@@ -43,23 +41,19 @@ def gptq_pair(tmp_path_factory):
 
 @pytest.mark.slow  # two GPTQ runs of the tiny model: about a minute of CPU
 def test_sharded_gptq_equals_one_device(gptq_pair):
-    """Hessians summed over the 4 batch shards of the calibration windows instead of on one
-    device: the same codes up to the rare one a reassociated sum tips over a rounding
-    boundary (then one step apart), the same scales to float precision."""
+    """Hessians summed over the 4 batch shards of the calibration windows, and each layer's
+    sweep split by output columns over the mesh (``gptq.column_axes``), instead of on one
+    device: the same scales to float precision and the same codes up to the rare one a
+    reassociated sum tips over a rounding boundary. GPTQ feeds that rounding error forward to
+    the later inputs of the same column, so a flip can move a later code of its column too
+    (two steps at most); a wrong calibration set changes 20-35% of the codes instead."""
+    from tests.scale.test_multiprocess_cli import assert_same_quantized
+
     one, eight = (checkpoint.restore(gptq_pair / n / "params") for n in ("one", "eight"))
-    is_q = lambda x: isinstance(x, QArray)
-    pairs = list(zip(jax.tree.leaves(one, is_leaf=is_q), jax.tree.leaves(eight, is_leaf=is_q),
-                     strict=True))
-    n_codes, n_diff = 0, 0
-    for a, b in pairs:
-        if not is_q(a):
-            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6)
-            continue
-        np.testing.assert_allclose(np.asarray(b.scale), np.asarray(a.scale), rtol=1e-4)
-        ca, cb = np.asarray(a.codes(), np.int32), np.asarray(b.codes(), np.int32)
-        assert np.abs(ca - cb).max() <= 1
-        n_codes, n_diff = n_codes + ca.size, n_diff + int((ca != cb).sum())
-    assert n_codes > 0 and n_diff / n_codes < 1e-3, (n_diff, n_codes)
+    # Block 0's first site sees the same float inputs in both runs: only reassociation.
+    first = lambda p: {k: p["block_0"]["attn"][k] for k in ("q_proj", "k_proj", "v_proj")}  # noqa: E731
+    assert_same_quantized(first(one), first(eight), max_code_frac=1e-3, max_steps=1)
+    assert_same_quantized(one, eight, max_code_frac=0.05, max_steps=3)
 
 
 @pytest.mark.slow
