@@ -41,6 +41,7 @@ from jaxquant.core import weight_only as weight_only
 # stays pure JAX: name -> module that defines it.
 _LAZY = {
     "QuantRule": "jaxquant.nn.rules",
+    "calibrate_and_convert": "jaxquant.ptq.any_model",
     "quantize_model": "jaxquant.nn.any_model",
     "to_serving": "jaxquant.nn.any_model",
 }

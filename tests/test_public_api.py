@@ -29,10 +29,11 @@ API_MD = Path(__file__).resolve().parents[2] / "shared" / "API.md"
 SNAPSHOT: dict[str, tuple[str, ...]] = {
     "jaxquant": (
         "BackwardSpec", "DotGeneralConfig", "DoubleQuantArray", "Layout", "QArray", "QKind",
-        "QType", "QuantRule", "QuantSpec", "calibrate", "compute_scale", "dequantize",
-        "dot_general", "dot_general_reference", "double_quantize", "einsum", "fake_quant", "fp8",
-        "fully_quantized", "get_qtype", "lsq_fake_quant", "lsq_init_scale", "make_dot_general",
-        "pack", "quantize", "quantize_model", "to_serving", "unpack", "w4a8", "w8a8", "weight_only",
+        "QType", "QuantRule", "QuantSpec", "calibrate", "calibrate_and_convert", "compute_scale",
+        "dequantize", "dot_general", "dot_general_reference", "double_quantize", "einsum",
+        "fake_quant", "fp8", "fully_quantized", "get_qtype", "lsq_fake_quant", "lsq_init_scale",
+        "make_dot_general", "pack", "quantize", "quantize_model", "to_serving", "unpack", "w4a8",
+        "w8a8", "weight_only",
     ),
     "jaxquant.core": (
         "BackwardSpec", "DotGeneralConfig", "DoubleQuantArray", "EinsumSpec", "Layout", "QArray",
@@ -57,10 +58,11 @@ SNAPSHOT: dict[str, tuple[str, ...]] = {
     ),
     "jaxquant.ptq": (
         "ALGORITHMS", "AWQ", "GPTQ", "GPTQConfig", "InputStats", "PTQAlgorithm", "PTQOptions",
-        "RTN", "Recipe", "SiteInputs", "SmoothQuant", "Stat", "clip_quantize", "compose",
-        "effective_group", "fold_into_linear", "fold_into_norm", "fold_scales", "gptq_quantize",
-        "hessian", "layer_group_sizes", "parse_recipe", "quantize_model", "search_alpha",
-        "search_scale", "serving_config", "smooth_scales", "stats_init", "stats_update",
+        "RTN", "Recipe", "SiteInputs", "SmoothQuant", "Stat", "calibrate_and_convert",
+        "clip_quantize", "compose", "effective_group", "fold_into_linear", "fold_into_norm",
+        "fold_scales", "gptq_quantize", "hessian", "layer_group_sizes", "parse_recipe",
+        "quantize_model", "search_alpha", "search_scale", "serving_config", "smooth_scales",
+        "stats_init", "stats_update",
     ),
     "jaxquant.train": (
         "LoRAConfig", "LoRAState", "LoopConfig", "LoopResult", "TrainState", "WindowBatches",
@@ -76,9 +78,9 @@ SNAPSHOT: dict[str, tuple[str, ...]] = {
         "resolve_model", "save_quantized",
     ),
     "jaxquant.data": (
-        "DATASETS", "EVAL_SETS", "TextTokenizer", "byte_tokenizer", "cache_dir",
-        "calibration_sources", "calibration_windows", "load_text", "tokenize_cached",
-        "tokenizer_from_file", "tokenizer_from_gguf",
+        "DATASETS", "DEFAULT_CALIBRATION", "EVAL_SETS", "TextTokenizer", "byte_tokenizer",
+        "cache_dir", "calibration_sources", "calibration_windows", "default_calibration",
+        "load_text", "tokenize_cached", "tokenizer_from_file", "tokenizer_from_gguf",
     ),
 }
 # fmt: on
