@@ -4,7 +4,8 @@ Lingo (as in AQT): a ``dot_general`` has a **lhs** and a **rhs** operand; each h
 **contracting** axes (summed over), **batch** axes (paired, kept) and **free** axes (kept).
 Inside a dot_general the scale layout of an operand is derived from the dimension numbers:
 one scale per element of the non-contracting (batch and free) axes, shared over the
-contracting axes, or per group of ``group_size`` along the (single) contracting axis. So the
+contracting axes, or per group of ``group_size`` along the innermost contracting axis (see
+:func:`~jaxquant.core.dot_general.operand_spec`). So the
 specs given here only choose the format, symmetry, calibration, rounding and group size; their
 ``channel_axes`` and ``group_axis`` must be left empty.
 

@@ -3,7 +3,9 @@
 Lingo: ``dimension_numbers = ((lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch))``.
 The output's axes are ``[batch..., lhs_free..., rhs_free...]``, as in ``lax.dot_general``.
 Each quantized operand has one scale per index of its non-contracting (batch and free) axes,
-or, with ``group_size``, one per group along its single contracting axis.
+or, with ``group_size``, one per group along its innermost contracting axis (and, when it
+contracts over several axes, one per index of the other contracting axes: see
+:func:`operand_spec`; such operands take the reference path).
 
 Paths, fastest first:
 
@@ -86,19 +88,30 @@ def _free_axes(ndim: int, contracting, batch) -> tuple[int, ...]:
 def operand_spec(spec: QuantSpec, ndim: int, contracting_axes) -> QuantSpec:
     """The full :class:`QuantSpec` of an operand with these contracting axes.
 
-    Non-contracting axes keep their own scale; a ``group_size`` tiles the single contracting
-    axis.
+    Non-contracting axes keep their own scale. A ``group_size`` tiles the innermost contracting
+    axis (the last of them in the operand's row-major layout, ``max(contracting_axes)``): a
+    group is ``group_size`` consecutive elements of the contraction flattened row-major, as in
+    the ``[prod(contracting sizes), ...]`` view of the operand. The other contracting axes then
+    keep their own scale too (they are channel axes of the spec), so a kernel ``[heads,
+    head_dim, d_model]`` contracting over ``(0, 1)`` in groups of ``g`` has a scale ``[heads,
+    head_dim / g, d_model]``.
+
+    Raises:
+      ValueError: for ``group_size`` on an operand that contracts no axis. (A group size that
+      does not divide the innermost contracting axis is refused when the operand is quantized.)
     """
     contracting = tuple(a % ndim for a in contracting_axes)
     channel = tuple(a for a in range(ndim) if a not in contracting)
     group_axis = None
     if spec.group_size is not None:
-        if len(contracting) != 1:
+        if not contracting:
             raise ValueError(
-                f"group_size={spec.group_size} needs exactly one contracting axis; this operand "
-                f"contracts over {contracting}. Reshape to a single contracting axis or drop groups."
+                f"group_size={spec.group_size} tiles a contracting axis; this operand contracts "
+                "none. Drop group_size for it."
             )
-        group_axis = contracting[0]
+        group_axis = max(contracting)
+        if len(contracting) > 1:
+            channel = tuple(a for a in range(ndim) if a != group_axis)
     return dataclasses.replace(spec, channel_axes=channel, group_axis=group_axis)
 
 

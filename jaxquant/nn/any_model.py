@@ -56,7 +56,7 @@ def quantize_model(model, rules: Sequence[QuantRule], *example_inputs, **example
 
     Raises:
       ValueError: naming the module path, for a layer a rule matches but that cannot be
-        quantized (an unsupported layer type, groups over several contracting axes, ...).
+        quantized (an unsupported layer type, a config the layer can't take, ...).
     """
     rules = check_rules(rules)
     if isinstance(model, nn.Module):

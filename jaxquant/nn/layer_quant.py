@@ -7,8 +7,10 @@ Shared by :func:`~jaxquant.nn.any_model.quantize_model` for linen and NNX. A
 
 Lingo: the **kernel** is the layer's weight (the rhs of its product). A dot layer contracts the
 kernel axes of its dimension numbers; a conv (kernel ``[*spatial, in / feature_groups, out]``)
-contracts every axis but the last. Groups of a dot layer tile its single contracting axis;
-groups of a conv tile the input-channel axis (a group spans the whole window), so a conv's
+contracts every axis but the last. Groups of a dot layer tile its innermost contracting axis
+(``max(contracting_axes)``: ``g`` consecutive elements of the contraction flattened row-major;
+the other contracting axes keep their own scale, so an attention output kernel ``[heads,
+head_dim, d_model]`` gets a scale ``[heads, head_dim / g, d_model]``); groups of a conv tile the input-channel axis (a group spans the whole window), so a conv's
 scale has shape ``[1, ..., 1, in // g, out]``.
 
 The hooks are frozen dataclasses (hashable by value) with the signatures that Flax passes to
@@ -182,6 +184,9 @@ class LayerPlan:
         g = ""
         if self.requested_group_size is not None:
             g = f", group {self.group_size} (asked {self.requested_group_size})"
+            if self.op is not Op.CONV and len(self.contracting_axes) > 1:
+                g += (f" along kernel axis {max(self.contracting_axes)} of contracting axes "
+                      f"{self.contracting_axes}")
         return f"{self.path or '<root>'}: {self.layer} ({self.op.value}) w={w} a={a}{g}"
 
 
@@ -195,9 +200,12 @@ def make_plan(
 ) -> LayerPlan:
     """A :class:`LayerPlan` with the group size adapted to the layer.
 
+    The group size is adapted to a divisor of the grouped axis (the innermost contracting axis
+    of a dot layer, the input-channel axis of a conv): :func:`adapt_group`.
+
     Raises:
-      ValueError: naming ``path``, when the config cannot apply to this layer (groups over
-        several contracting axes, grouped or backward-quantized conv activations).
+      ValueError: naming ``path``, when the config cannot apply to this layer (groups on a
+        layer that contracts no kernel axis, grouped or backward-quantized conv activations).
     """
     kernel_shape = tuple(int(n) for n in kernel_shape)
     contracting_axes = tuple(int(a) % len(kernel_shape) for a in contracting_axes)
@@ -206,15 +214,14 @@ def make_plan(
     if requested is not None:
         if op is Op.CONV:
             n = kernel_shape[-2]
-        elif len(contracting_axes) != 1:
+        elif not contracting_axes:
             raise ValueError(
                 f"{path}: the rule asks for group_size={requested}, but this {layer} contracts "
-                f"its kernel {kernel_shape} over axes {contracting_axes}; groups need one "
-                f"contracting axis. Put QuantRule(r'^{path}$', <config without group_size>) "
-                "before the rule that matched."
+                f"no axis of its kernel {kernel_shape}. Put QuantRule(r'^{path}$', <config "
+                "without group_size>) before the rule that matched."
             )
-        else:
-            n = kernel_shape[contracting_axes[0]]
+        else:  # groups tile the innermost contracting axis (operand_spec)
+            n = kernel_shape[max(contracting_axes)]
         config = dataclasses.replace(
             config, rhs=dataclasses.replace(rhs, group_size=adapt_group(n, requested))
         )

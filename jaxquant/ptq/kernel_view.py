@@ -7,8 +7,13 @@ d_in]`` in the same order, so the layer computes ``x2 @ w2`` (up to a reshape) a
 Hessian is ``x2^T x2``.
 
 * Dot / einsum layers (``Dense``, ``DenseGeneral``, ``Einsum``; N-D kernels): rows are the
-  contracted kernel axes in the plan's ``contracting_axes`` order; columns the other kernel axes,
-  ascending. A group of ``g`` rows is a group of the plan (groups need one contracting axis).
+  contracted kernel axes (:func:`row_axes`: the plan's ``contracting_axes`` order, or ascending
+  when grouped); columns the other kernel axes, ascending. A group of ``g`` rows is a group of
+  the plan: the plan groups ``g`` consecutive elements of its innermost contracting axis (the
+  last row axis), so with ``g`` dividing that axis, ``g`` consecutive rows of the row-major
+  flattening are one group (an attention output kernel ``[heads, head_dim, d_model]`` is the
+  matrix ``[heads * head_dim, d_model]`` and its scale ``[heads, head_dim / g, d_model]`` the
+  matrix scale ``[heads * head_dim / g, d_model]``).
 * Conv (kernel ``[*window, in / feature_groups, out]``): rows are ``(in, *window)``, the feature
   order of :func:`jax.lax.conv_general_dilated_patches` (im2col), so ``g`` input channels are
   ``g * window`` consecutive rows and the plan's groups (``g`` channels across the whole window)
@@ -67,7 +72,7 @@ def matrix_view(plan: LayerPlan) -> MatrixView:
         window = math.prod(shape[:-2])
         group = None if plan.group_size is None else plan.group_size * window
     elif plan.op in (Op.DOT, Op.EINSUM):
-        rows = tuple(plan.contracting_axes)
+        rows = row_axes(plan)
         perm = (*rows, *(a for a in range(nd) if a not in rows))
         n_rows = len(rows)
         group = plan.group_size
@@ -76,6 +81,16 @@ def matrix_view(plan: LayerPlan) -> MatrixView:
     d_in = math.prod(shape[a] for a in perm[:n_rows])
     d_out = math.prod(shape[a] for a in perm[n_rows:])
     return MatrixView(perm, n_rows, d_in, d_out, group)
+
+
+def row_axes(plan: LayerPlan) -> tuple[int, ...]:
+    """The kernel axes of a dot / einsum plan's matrix rows, outermost first.
+
+    The plan's ``contracting_axes`` order; ascending when the plan has groups, so that the
+    grouped (innermost, ``max``) contracting axis is last and a group is consecutive rows.
+    """
+    axes = tuple(plan.contracting_axes)
+    return tuple(sorted(axes)) if plan.group_size is not None else axes
 
 
 def to_matrix(plan: LayerPlan, kernel: jax.Array) -> jax.Array:
@@ -135,7 +150,7 @@ def dot_rows(plan: LayerPlan, lhs: jax.Array, dimension_numbers) -> jax.Array:
             "None) first in the rules) or use method='rtn'."
         )
     pair = {int(r) % len(plan.kernel_shape): int(c) % lhs.ndim for c, r in zip(lc, rc, strict=True)}
-    return _rows(lhs, tuple(pair[a] for a in plan.contracting_axes))
+    return _rows(lhs, tuple(pair[a] for a in row_axes(plan)))
 
 
 def einsum_rows(plan: LayerPlan, subscripts: str, lhs: jax.Array) -> jax.Array:
@@ -147,7 +162,7 @@ def einsum_rows(plan: LayerPlan, subscripts: str, lhs: jax.Array) -> jax.Array:
             f"({''.join(spec.batch)}), so its kernel is not one matrix; GPTQ cannot quantize "
             f"it. Keep it float (QuantRule(r'^{plan.path}$', None) first) or use method='rtn'."
         )
-    return _rows(lhs, tuple(spec.lhs.index(spec.rhs[a]) for a in plan.contracting_axes))
+    return _rows(lhs, tuple(spec.lhs.index(spec.rhs[a]) for a in row_axes(plan)))
 
 
 def conv_rows(

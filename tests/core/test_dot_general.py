@@ -472,11 +472,17 @@ def test_config_is_frozen_and_replaceable():
     assert cfg2.rhs.qtype == "int4" and cfg.rhs.qtype == "int8"
 
 
-def test_group_size_with_two_contracting_axes_raises():
+def test_group_size_with_two_contracting_axes_tiles_the_innermost():
+    # more in tests/nn/test_any_model_groups.py
     x, w = rand(0, (4, 8, 32)), rand(1, (8, 32, 5))
     dn = (((1, 2), (0, 1)), ((), ()))
-    with pytest.raises(ValueError, match="contracting"):
-        jq.dot_general(x, w, dn, config=jq.weight_only("int4", group_size=32))
+    cfg = jq.weight_only("int4", group_size=16)
+    q = jq.core.quantize_operand(w, cfg.rhs, (0, 1))
+    assert q.scale.shape == (8, 2, 5) and q.group_axis == 1
+    y = jq.dot_general(x, w, dn, config=cfg)
+    np.testing.assert_allclose(y, jax.lax.dot_general(x, q.dequantize(), dn), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="divide"):
+        jq.dot_general(x, w, dn, config=jq.weight_only("int4", group_size=24))
 
 
 def test_group_size_not_dividing_k_raises():

@@ -101,12 +101,11 @@ def test_errors_name_the_module_path():
 
     with pytest.raises(ValueError, match=r"^proj: this Linear sets its own dot_general"):
         jq.quantize_model(NnxOwn(nnx.Rngs(0)), w8, jnp.ones((2, 8)))
-    # groups over two contracting axes: named, with the fix
-    with pytest.raises(ValueError, match=r"^out: .*group_size=16.*axes \(0, 1\)"):
+    # groups over two contracting axes tile the innermost one (tests/nn/test_any_model_groups.py)
+    class TwoAxes(nn.Module):
+        @nn.compact
+        def __call__(self, v):
+            return nn.DenseGeneral(4, axis=(-2, -1), name="out")(v)
 
-        class TwoAxes(nn.Module):
-            @nn.compact
-            def __call__(self, v):
-                return nn.DenseGeneral(4, axis=(-2, -1), name="out")(v)
-
-        jq.quantize_model(TwoAxes(), G16, jnp.ones((2, 3, 16)))
+    plan = layer_plans(jq.quantize_model(TwoAxes(), G16, jnp.ones((2, 3, 16))))["out"]
+    assert plan.group_size == 16 and plan.weight_spec().group_axis == 1
