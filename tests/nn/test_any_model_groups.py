@@ -28,7 +28,7 @@ from jaxquant.nn.any_model import layer_plans, report, to_serving
 from jaxquant.nn.layer_quant import Op, make_plan
 from jaxquant.nn.nnx_model import QKernel
 from jaxquant.ptq.any_model import calibrate_and_convert, quantize_layer
-from jaxquant.ptq.kernel_view import matrix_view, to_matrix
+from jaxquant.ptq.kernel_view import dot_rows, einsum_rows, matrix_view, to_matrix
 
 EPS32 = float(np.finfo(np.float32).eps)
 G32 = jq.weight_only("int4", group_size=32)
@@ -48,6 +48,15 @@ def inputs(seed, n, s=5):
 
 def _max(a):
     return float(jnp.max(jnp.abs(a)))
+
+
+# One jitted forward per model kind and one held-out input shape: the tests share compiles.
+japply = jax.jit(lambda module, variables, x: module.apply(variables, x), static_argnums=0)
+ncall = nnx.jit(lambda m, x: m(x))
+
+
+def held_out():
+    return inputs(99, 32, 8)
 
 
 def reassociation_tol(y, n_products):
@@ -143,10 +152,9 @@ def test_linen_attention_out_projection_groups_and_train_equals_serve():
     assert "attn/out: DenseGeneral" in report(qmodel) and "group 32 (asked 32)" in report(qmodel)
     q = serving["params"]["attn"]["out"]["kernel"]
     check_grouped_kernel(variables["params"]["attn"]["out"]["kernel"], q, 32)
-    x = inputs(7, 3)
-    y_train = jax.jit(qmodel.apply)(variables, x)
-    y_serve = jax.jit(qmodel.apply)(serving, x)
-    y_float = jax.jit(model.apply)(variables, x)
+    x = held_out()
+    y_train, y_serve = japply(qmodel, variables, x), japply(qmodel, serving, x)
+    y_float = japply(model, variables, x)
     tol = reassociation_tol(y_train, 6)
     assert _max(y_train - y_serve) <= tol, (_max(y_train - y_serve), tol)
     assert _max(y_train - y_float) > 100 * tol  # the forward really is quantized
@@ -171,9 +179,8 @@ def test_nnx_attention_out_projection_adapted_group_and_train_equals_serve():
     q = served.attn.out.kernel.get_value()
     assert isinstance(served.attn.out.kernel, QKernel)
     check_grouped_kernel(qmodel.attn.out.kernel.get_value(), q, 24)
-    x = inputs(7, 3)
-    call = nnx.jit(lambda m, v: m(v))
-    y_train, y_serve, y_float = call(qmodel, x), call(served, x), call(model, x)
+    x = held_out()
+    y_train, y_serve, y_float = ncall(qmodel, x), ncall(served, x), ncall(model, x)
     tol = reassociation_tol(y_train, 6)
     assert _max(y_train - y_serve) <= tol, (_max(y_train - y_serve), tol)
     assert _max(y_train - y_float) > 100 * tol
@@ -228,17 +235,35 @@ def test_matrix_view_groups_map_back_exactly():
         np.testing.assert_array_equal(a, b)
 
 
+def test_matrix_view_of_axes_contracted_in_another_order():
+    """An einsum contracting the kernel ``[heads, hd, d]`` as ``(hd, heads)``: the view's rows
+    are still ``heads``-major (groups are consecutive rows), the inputs' rows follow them
+    (``rows @ w2`` is the product), and the view's rounding is the kernel's own."""
+    eq = "bkh,hkd->bd"
+    plan = make_plan("e", "Einsum", Op.EINSUM, (4, 24, 8), (1, 0), G32)
+    w = jnp.asarray(_normal(2, (4, 24, 8)))
+    x = jnp.asarray(_normal(3, (5, 24, 4)))
+    np.testing.assert_allclose(einsum_rows(plan, eq, x) @ to_matrix(plan, w),
+                               jnp.einsum(eq, x, w), rtol=1e-5, atol=1e-5)
+    dn = (((1, 2), (1, 0)), ((), ()))
+    np.testing.assert_allclose(dot_rows(plan, x, dn) @ to_matrix(plan, w),
+                               jax.lax.dot_general(x, w, dn), rtol=1e-5, atol=1e-5)
+    q, _ = quantize_layer(plan, w, None)
+    ref = plan.quantize_kernel(w)
+    for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_gptq_on_attention_beats_rtn_and_serves_the_grouped_layout():
     model, qmodel, variables, rtn = linen_run()
     batches = [(inputs(10 + i, 32, 8),) for i in range(2)]
     gptq = calibrate_and_convert(qmodel, variables, batches)
     q = gptq["params"]["attn"]["out"]["kernel"]
     assert q.scale.shape == (2, 2, D) and q.group_axis == 1 and q.group_size == 32
-    x = inputs(99, 64, 8)
-    apply = jax.jit(qmodel.apply)
-    ref = jax.jit(model.apply)(variables, x)
-    err = lambda v: float(jnp.linalg.norm(apply(v, x) - ref) / jnp.linalg.norm(ref))  # noqa: E731
-    assert err(gptq) < 0.9 * err(rtn), (err(gptq), err(rtn))
+    x = held_out()
+    ref = japply(model, variables, x)
+    err = lambda v: float(jnp.linalg.norm(japply(qmodel, v, x) - ref) / jnp.linalg.norm(ref))  # noqa: E731
+    assert err(gptq) < 0.75 * err(rtn), (err(gptq), err(rtn))
 
 
 def test_gptq_on_nnx_attention_beats_rtn():
@@ -247,8 +272,7 @@ def test_gptq_on_nnx_attention_beats_rtn():
     served = calibrate_and_convert(qmodel, batches)
     q = served.attn.out.kernel.get_value()
     assert q.scale.shape == (4, 2, D) and q.group_size == 24
-    x = inputs(99, 64, 8)
-    call = nnx.jit(lambda m, v: m(v))
-    ref = call(model, x)
-    err = lambda m: float(jnp.linalg.norm(call(m, x) - ref) / jnp.linalg.norm(ref))  # noqa: E731
-    assert err(served) < 0.9 * err(rtn), (err(served), err(rtn))
+    x = held_out()
+    ref = ncall(model, x)
+    err = lambda m: float(jnp.linalg.norm(ncall(m, x) - ref) / jnp.linalg.norm(ref))  # noqa: E731
+    assert err(served) < 0.75 * err(rtn), (err(served), err(rtn))
