@@ -25,8 +25,6 @@ product to calibrate for a lookup).
 
 import argparse
 import json
-import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -303,27 +301,18 @@ def run(n_batches: int = 4, batch: int = 32, seed: int = 0, models=("linen_cnn",
 
 def environment() -> dict:
     """Device, versions, date (``jaxquant.eval.tasks.environment``), the commit that measures
-    (``-dirty`` when the packages this runs, or this script, have uncommitted changes) and the
-    load."""
-    from jaxquant.eval import tasks
+    (``-dirty`` with uncommitted changes under jaxquant/ or experiments/, as
+    ``ptq_table.measured_by`` records it) and the load."""
+    import sys
 
-    root = Path(__file__).resolve().parents[1]
-
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, cwd=root,
-                                  timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--", "jaxquant/core", "jaxquant/nn", "jaxquant/ptq",
-           "experiments/any_model_ptq.py"):
-        commit += "-dirty"
     import flax
 
-    return {**tasks.environment(), "flax": flax.__version__, "commit": commit,
-            "load_avg_1m": os.getloadavg()[0]}
+    from jaxquant.eval import tasks
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from ptq_table import measured_by
+
+    return {**tasks.environment(), "flax": flax.__version__, **measured_by()}
 
 
 def main(argv=None) -> dict:

@@ -13,7 +13,6 @@ NNX layers through the same hooks ``quantize_model`` sets. The rows of each batc
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Mapping
 
 import flax.linen as nn
@@ -24,7 +23,7 @@ from flax import traverse_util
 
 from jaxquant.nn.any_model import layer_plans
 from jaxquant.nn.layer_quant import LayerPlan, Op
-from jaxquant.nn.linen_model import float_linen
+from jaxquant.nn.linen_model import _patched, float_linen
 from jaxquant.nn.rules import module_path
 from jaxquant.ptq.hessian import InputStats, stats_init, stats_update
 from jaxquant.ptq.kernel_view import LayerCallError, conv_rows, dot_rows, einsum_rows
@@ -110,22 +109,6 @@ def _capture_fn(plan: LayerPlan, sink: _Sink):
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, *a, **kw)
 
     return dot
-
-
-@contextlib.contextmanager
-def _patched(mod, attrs: Mapping):
-    """Sets attributes on a (frozen) linen module for one call, and restores them."""
-    saved = {k: mod.__dict__[k] for k in attrs if k in mod.__dict__}
-    for k, v in attrs.items():
-        object.__setattr__(mod, k, v)
-    try:
-        yield
-    finally:
-        for k in attrs:
-            if k in saved:
-                object.__setattr__(mod, k, saved[k])
-            else:
-                object.__delattr__(mod, k)
 
 
 def _linen_interceptor(sink: _Sink):
