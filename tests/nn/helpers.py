@@ -46,3 +46,12 @@ def random_params(cfg, seed=1):
         return jnp.asarray(rng.normal(0.0, cfg.init_std, s.shape), s.dtype)
 
     return jax.tree.map(draw, shapes)
+
+
+def step_per_element(q):
+    """A QArray's ``scale`` repeated to its shape: each element's quantization step."""
+    s = q.scale
+    for a, (n, m) in enumerate(zip(q.shape, s.shape, strict=True)):
+        if m not in (1, n):
+            s = jnp.repeat(s, n // m, axis=a)
+    return jnp.broadcast_to(s, q.shape)

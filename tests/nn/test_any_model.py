@@ -21,6 +21,7 @@ from jaxquant.core import QArray
 from jaxquant.nn.any_model import layer_plans, report, to_serving
 from jaxquant.nn.layer_quant import adapt_group
 from jaxquant.nn.nnx_model import QKernel
+from tests.nn.helpers import step_per_element
 
 EPS32 = float(np.finfo(np.float32).eps)
 CONFIGS = {
@@ -106,13 +107,6 @@ LAYERS = {
 }
 
 
-def _expand(q: QArray) -> jax.Array:
-    """``q.scale`` repeated to the kernel's shape (a step per element)."""
-    s = q.scale
-    for a, (n, m) in enumerate(zip(q.shape, s.shape, strict=True)):
-        if m not in (1, n):
-            s = jnp.repeat(s, n // m, axis=a)
-    return jnp.broadcast_to(s, q.shape)
 
 
 def _act_half_step(x, kind):
@@ -138,8 +132,8 @@ def test_single_layer_error_is_within_the_quantization_steps(kind, cfg_name):
     lin = lambda inp, k: model.apply(
         {"params": {**params, "kernel": k, "bias": 0 * params["bias"]}}, inp
     )  # noqa: E731
-    assert float(jnp.max(jnp.abs(w_hat - params["kernel"]) - _expand(q) / 2)) <= 1e-6
-    bound = lin(jnp.abs(x), _expand(q) / 2)
+    assert float(jnp.max(jnp.abs(w_hat - params["kernel"]) - step_per_element(q) / 2)) <= 1e-6
+    bound = lin(jnp.abs(x), step_per_element(q) / 2)
     if CONFIGS[cfg_name].lhs is not None:
         bound = bound + lin(_act_half_step(x, kind), jnp.abs(w_hat))
     slack = 8 * EPS32 * lin(jnp.abs(x), jnp.abs(params["kernel"])) + 1e-6

@@ -23,6 +23,7 @@ from jaxquant.nn.any_model import layer_plans, report, to_serving
 from jaxquant.nn.layer_quant import LayerPlan, Op
 from jaxquant.nn.nnx_model import QKernel, QuantEmbed
 from jaxquant.nn.quant_attention import AttentionEinsum, NnxAttentionFn, attention_plan
+from tests.nn.helpers import step_per_element
 
 EPS32 = float(np.finfo(np.float32).eps)
 CONFIGS = {
@@ -48,13 +49,6 @@ def _max(a):
     return float(jnp.max(jnp.abs(a)))
 
 
-def _expand(q: QArray) -> jax.Array:
-    """``q.scale`` repeated to the table's shape (a step per element)."""
-    s = q.scale
-    for a, (n, m) in enumerate(zip(q.shape, s.shape, strict=True)):
-        if m not in (1, n):
-            s = jnp.repeat(s, n // m, axis=a)
-    return jnp.broadcast_to(s, q.shape)
 
 
 class TiedLM(nn.Module):
@@ -78,7 +72,7 @@ TOKENS = (jnp.arange(14).reshape(2, 7) * 3) % V
 def _check_embed(table, q, rows_q, rows_f, query, att_q, att_f, cfg):
     """The lookup within half a step per element; attend within the steps of both operands."""
     assert isinstance(q, QArray) and q.shape == (V, D)
-    half = _expand(q) / 2
+    half = step_per_element(q) / 2
     np.testing.assert_array_less(jnp.abs(q.dequantize() - table), half + 1e-7)
     idx = TOKENS
     assert bool(jnp.all(jnp.abs(rows_q - rows_f) <= half[idx] + 1e-7))

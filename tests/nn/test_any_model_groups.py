@@ -29,6 +29,7 @@ from jaxquant.nn.layer_quant import Op, make_plan
 from jaxquant.nn.nnx_model import QKernel
 from jaxquant.ptq.any_model import calibrate_and_convert, quantize_layer
 from jaxquant.ptq.kernel_view import dot_rows, einsum_rows, matrix_view, to_matrix
+from tests.nn.helpers import step_per_element
 
 EPS32 = float(np.finfo(np.float32).eps)
 G32 = jq.weight_only("int4", group_size=32)
@@ -101,13 +102,6 @@ def nnx_run():
     return model, qmodel, to_serving(qmodel)
 
 
-def _expand(q: QArray) -> jax.Array:
-    """``q.scale`` repeated to the kernel's shape (each element's step)."""
-    s = q.scale
-    for a, (n, m) in enumerate(zip(q.shape, s.shape, strict=True)):
-        if m not in (1, n):
-            s = jnp.repeat(s, n // m, axis=a)
-    return jnp.broadcast_to(s, q.shape)
 
 
 def check_grouped_kernel(w, q: QArray, g: int):
@@ -121,7 +115,7 @@ def check_grouped_kernel(w, q: QArray, g: int):
     amax = np.abs(w.reshape(heads, hd // g, g, d)).max(axis=2)
     np.testing.assert_allclose(np.asarray(q.scale), amax / 7.0, rtol=4 * EPS32)
     err = np.abs(w - np.asarray(q.dequantize(jnp.float32)))
-    step = np.asarray(_expand(q))
+    step = np.asarray(step_per_element(q))
     assert (err <= step / 2 * (1 + 4 * EPS32)).all()
     assert err.max() > 0  # it really quantized
 
