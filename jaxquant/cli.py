@@ -220,6 +220,7 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_demo(args) -> int:
+    from jaxquant.data import default_calibration
     from jaxquant.eval import tasks
     from jaxquant.eval.plots import plot_ppl_vs_size
     from jaxquant.models.registry import load
@@ -227,7 +228,7 @@ def _cmd_demo(args) -> int:
     budget = tasks.DemoBudget(eval_tokens=None if args.full else args.max_tokens,
                               calib_windows=args.calib_windows, calib_len=args.calib_len)
     print(f"jaxquant demo: {args.model} on PTB. Calibration: {budget.calib_windows} x "
-          f"{budget.calib_len} tokens of {args.calib_data or 'ptb+shakespeare+kjv'} (train "
+          f"{budget.calib_len} tokens of {args.calib_data or default_calibration('ptb')} (train "
           f"splits; seed {args.seed}); evaluation: "
           f"{'the full PTB test split' if budget.eval_tokens is None else f'the first {budget.eval_tokens} PTB-test tokens'} "
           f"in {budget.seq_len}-token windows. --full evaluates the whole split.")

@@ -104,8 +104,8 @@ def quantize(
     place: Callable[[Any, np.ndarray | None], tuple[Any, Any]] | None = None,
 ) -> tuple[TransformerConfig, Any, dict]:
     """Runs ``recipe`` on ``model``, calibrating when needed on ``calib_data`` (default:
-    ``dataset``'s train split; a mix such as ``ptb+shakespeare+kjv`` is allowed, see
-    :func:`calibration_set`).
+    :func:`jaxquant.data.default_calibration` of ``dataset``: the ``ptb+shakespeare+kjv`` train
+    splits for a named data set, the file itself for a text file; see :func:`calibration_set`).
 
     Args:
       place: ``(float params, calibration windows [windows, length] int32 or None) ->
