@@ -221,7 +221,7 @@ def plot(path: Path, png: Path) -> None:
     rows = json.loads(path.read_text())["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     marks = {"ptq": "o", "qat": "s", "qlora": "^", "lora": "v", "float": "*"}
-    for ax, corpus in zip(axes, ("ptb", "heldout")):
+    for ax, corpus in zip(axes, ("ptb", "heldout"), strict=True):
         for r in rows:
             y = r["perplexity"]["ptb"] if corpus == "ptb" else _mean_heldout(r)
             bits = r.get("bits_per_weight") or 32.0
@@ -237,7 +237,7 @@ def plot(path: Path, png: Path) -> None:
                                       else " (mean of Shakespeare, KJV)"))
         ax.set_yscale("log")
         handles, labels = ax.get_legend_handles_labels()
-        uniq = dict(zip(labels, handles))
+        uniq = dict(zip(labels, handles, strict=True))
         ax.legend(uniq.values(), uniq.keys(), fontsize=8)
     fig.suptitle("SmolLM2-135M fine-tuned on PTB train: perplexity against bits per weight")
     fig.tight_layout()

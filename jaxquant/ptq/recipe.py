@@ -1,8 +1,10 @@
 """`Recipe`: what a PTQ run does, and the command line's recipe strings.
 
-A recipe string is ``METHOD:QTYPE[:gSIZE][:asym|:full|:narrow][:mse]`` (``rtn:int4:g128``,
+A recipe string is ``METHOD:QTYPE[:gSIZE][:asym|:full|:narrow][:mse][:a8]`` (``rtn:int4:g128``,
 ``gptq:int3:g128``, ``awq:int4:g128``, ``rtn:int4:g32:asym``, ``rtn:int8``,
-``gptq:ternary:g64``, ``rtn:binary:g64``, ``rtn:int4:g128:narrow``). The grid of a symmetric
+``gptq:ternary:g64``, ``rtn:binary:g64``, ``rtn:int4:g128:narrow``, ``gptq:int4:g128:a8``).
+``:a8`` serves the quantized weights with dynamic int8 activations (a scale per token), so the
+products are integer (W4A8: :mod:`jaxquant.core.w4a8`); without it activations stay float. The grid of a symmetric
 ``int2`` .. ``int8`` recipe is ``full`` (codes ``-2**(N-1) .. 2**(N-1) - 1``, llama.cpp's and
 Qwix's grid, scale ``= signed extreme / qmin``) or ``narrow`` (codes ``-qmax .. qmax``, scale
 ``= absmax / qmax``); :data:`FULL_RANGE_DEFAULT` says which one a recipe without either token
@@ -72,6 +74,8 @@ class Recipe:
       alpha: SmoothQuant's migration strength.
       grid: None, or a llama.cpp block grid of :data:`GGUF_GRIDS` (``"q4_0"``): it fixes
         ``qtype``, ``group_size``, ``symmetric`` and ``full_range``.
+      int8_activations: serve with dynamic int8 activations, one scale per token (``:a8``;
+        W4A8 / W3A8 / W2A8 for symmetric int weights). The weights are found as without it.
       full_range: the symmetric int grid (``int2`` .. ``int8``): True uses every code
         ``qmin .. qmax`` (``QuantSpec.full_range``), False ``-qmax .. qmax``. None (the default)
         resolves to :data:`FULL_RANGE_DEFAULT` for those recipes and to False for the others
@@ -87,6 +91,7 @@ class Recipe:
     alpha: float = 0.5
     grid: str | None = None
     full_range: bool | None = None
+    int8_activations: bool = False
 
     def __post_init__(self):
         if self.method not in ALGORITHMS:
@@ -109,6 +114,11 @@ class Recipe:
         qt = get_qtype(self.qtype)
         if alg.activations and self.qtype != "int8":
             raise ValueError(f"{self.method} is int8 weights and activations; got {self.qtype}.")
+        if self.int8_activations and (_fixed(self.method) or qt.kind is not QKind.INT
+                                      or not self.symmetric):
+            raise ValueError(
+                f":a8 (int8 activations) is for symmetric int weight recipes (W4A8); got "
+                f"{self.method} with {self.qtype}{'' if self.symmetric else ' asym'}.")
         if self.group_size is not None and self.group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}.")
         if alg.int_only and qt.kind is not QKind.INT:
@@ -144,18 +154,23 @@ class Recipe:
             return w8a8()
         cal = "mse" if self.mse_clip else None  # None: the format's own (absmax, absmean)
         if self.grid is not None:
-            return DotGeneralConfig(rhs=QuantSpec(calibration=cal, **GGUF_GRIDS[self.grid]))
-        cfg = weight_only(self.qtype, self.group_size, symmetric=self.symmetric, calibration=cal)
-        if self.full_range:
+            cfg = DotGeneralConfig(rhs=QuantSpec(calibration=cal, **GGUF_GRIDS[self.grid]))
+        else:
+            cfg = weight_only(self.qtype, self.group_size, symmetric=self.symmetric,
+                              calibration=cal)
+        if self.full_range and self.grid is None:
             cfg = dataclasses.replace(cfg, rhs=dataclasses.replace(cfg.rhs, full_range=True))
+        if self.int8_activations:
+            cfg = dataclasses.replace(cfg, lhs=QuantSpec(qtype="int8"))
         return cfg
 
     @property
     def name(self) -> str:
         if _fixed(self.method):
             return self.method
+        a8 = ["a8"] if self.int8_activations else []
         if self.grid is not None:
-            return ":".join([self.method, self.grid] + (["mse"] if self.mse_clip else []))
+            return ":".join([self.method, self.grid] + (["mse"] if self.mse_clip else []) + a8)
         parts = [self.method, self.qtype]
         if self.group_size:
             parts.append(f"g{self.group_size}")
@@ -165,7 +180,7 @@ class Recipe:
             parts.append("full" if self.full_range else "narrow")
         if self.mse_clip:
             parts.append("mse")
-        return ":".join(parts)
+        return ":".join(parts + a8)
 
 
 def parse_recipe(text: str) -> Recipe:
@@ -174,7 +189,7 @@ def parse_recipe(text: str) -> Recipe:
     Raises:
       ValueError: naming the part that is wrong and the accepted form.
     """
-    form = (f"METHOD:QTYPE[:gSIZE][:asym|:full|:narrow][:mse] with METHOD in "
+    form = (f"METHOD:QTYPE[:gSIZE][:asym|:full|:narrow][:mse][:a8] with METHOD in "
             f"{'|'.join(m for m in METHODS if not _fixed(m))}, "
             f"or {' | '.join(m for m in METHODS if _fixed(m))}")
     parts = [p for p in text.strip().lower().split(":") if p]
@@ -196,9 +211,9 @@ def parse_recipe(text: str) -> Recipe:
     kw = dict(method=method, qtype=parts[1])
     if parts[1] in GGUF_GRIDS:
         kw = dict(method=method, grid=parts[1])
-        if bad := [p for p in parts[2:] if p != "mse"]:
+        if bad := [p for p in parts[2:] if p not in ("mse", "a8")]:
             raise ValueError(f"{parts[1]} fixes groups of 32 and its own zero point; drop "
-                             f"{':'.join(bad)!r} from {text!r} (only :mse may follow).")
+                             f"{':'.join(bad)!r} from {text!r} (only :mse, :a8 may follow).")
     for p in parts[2:]:
         if p.startswith("g") and p[1:].isdigit():
             kw["group_size"] = int(p[1:])
@@ -208,6 +223,8 @@ def parse_recipe(text: str) -> Recipe:
             kw["full_range"] = GRID_TOKENS[p]
         elif p == "mse":
             kw["mse_clip"] = True
+        elif p == "a8":
+            kw["int8_activations"] = True
         else:
             raise ValueError(f"Unknown recipe option {p!r} in {text!r}; expected {form}.")
     if "full_range" in kw and not kw.get("symmetric", True):

@@ -53,6 +53,24 @@ def test_serving_params_hold_qarray_kernels_only(tiny, recipe):
                 assert k.group_size == (None if groups is None else groups[f"{mod}/{lin}"])
 
 
+def test_int8_activation_recipe_serves_integer_products(tiny):
+    """``:a8`` keeps RTN's weights bit for bit, serves them with int8 activations (the jaxpr
+    has int8 x int8 -> int32 dots), and adds only the activation rounding to the error: an int8
+    step is 1/16 of an int4 one relative to the range, so the MSE may grow by a few percent,
+    where a wrong product (float activations silently, or a mis-scaled sum) would not match."""
+    cfg, _, tokens, ref = tiny
+    sp_wo, e_wo, _ = _run(tiny, "rtn:int4:g32")
+    sp_a8, e_a8, _ = _run(tiny, "rtn:int4:g32:a8")
+    for a, b in zip(jax.tree.leaves(sp_wo), jax.tree.leaves(sp_a8), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    scfg = quantize_model(cfg, tiny[1], parse_recipe("rtn:int4:g32:a8"), None,
+                          progress=False)[0]
+    model = Transformer(scfg, mode=QuantMode.SERVE)
+    jaxpr = str(jax.make_jaxpr(lambda p, t: model.apply({"params": p}, t))(sp_a8, tokens[:1, :1]))
+    assert "preferred_element_type=int32" in jaxpr
+    assert e_wo < e_a8 < 1.25 * e_wo
+
+
 def test_gptq_model_error_below_rtn(tiny):
     _, e_rtn, _ = _run(tiny, "rtn:int3:g32")
     _, e_gptq, _ = _run(tiny, "gptq:int3:g32")

@@ -14,6 +14,7 @@ from jaxquant.ptq.recipe import Recipe, parse_recipe
         ("awq:int4:g128", "awq", "int4", 128, True),
         ("w8a8", "w8a8", "int8", None, True),
         ("smoothquant", "smoothquant", "int8", None, True),
+        ("gptq:int4:g128:a8", "gptq", "int4", 128, True),
     ],
 )
 def test_parse(text, method, qtype, group, sym):
@@ -27,6 +28,12 @@ def test_dot_configs():
     assert parse_recipe("w8a8").dot_config.lhs is not None
     cfg = parse_recipe("rtn:int4:g128").dot_config
     assert cfg.lhs is None and cfg.rhs.qtype == "int4" and cfg.rhs.group_size == 128
+    # :a8 adds dynamic int8 activations (a scale per token) and leaves the weights as they were.
+    a8 = parse_recipe("rtn:int4:g128:a8")
+    assert a8.int8_activations and a8.name == "rtn:int4:g128:a8"
+    assert a8.dot_config.rhs == cfg.rhs
+    assert a8.dot_config.lhs.qtype == "int8" and a8.dot_config.lhs.channel_axes == ()
+    assert parse_recipe("gptq:q4_0:a8").dot_config.rhs == parse_recipe("gptq:q4_0").dot_config.rhs
 
 
 @pytest.mark.parametrize(
@@ -39,6 +46,8 @@ def test_dot_configs():
         ("rtn:int4:x7", "Unknown recipe option"),
         ("w8a8:int4", "takes no options"),
         ("gptq:nf4:g64", "supports int formats"),
+        ("rtn:nf4:g64:a8", "symmetric int weight recipes"),
+        ("rtn:int4:g32:asym:a8", "symmetric int weight recipes"),
     ],
 )
 def test_bad_recipes(text, match):
