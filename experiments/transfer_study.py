@@ -100,6 +100,18 @@ VARIANTS = (
     Variant(label="gptq-mse-mix-nokjv-s0", recipe=G4 + ":mse", calib="ptb+shakespeare",
             knob="corpus+mse"),
     Variant(label="awq+gptq-s0", recipe="awq+gptq:int4:g128", knob="awq+gptq"),
+    # Seeds 1 and 2 of the two rows that decide the goals (AWQ+GPTQ at 50%, GPTQ at 40% with
+    # the command line's 128 windows), then act-order on the default set.
+    Variant(label="awq+gptq-mix3-s1", recipe="awq+gptq:int4:g128", calib=MIX3, seed=1,
+            knob="mix3"),
+    Variant(label="gptq-mix3-w128-s1", recipe=G4, calib=MIX3, windows=128, seed=1,
+            knob="mix3 size"),
+    Variant(label="awq+gptq-mix3-s2", recipe="awq+gptq:int4:g128", calib=MIX3, seed=2,
+            knob="mix3"),
+    Variant(label="gptq-mix3-w128-s2", recipe=G4, calib=MIX3, windows=128, seed=2,
+            knob="mix3 size"),
+    Variant(label="gptq-mix3-noactorder", recipe=G4, calib=MIX3, act_order=False,
+            knob="mix3 act-order"),
     Variant(label="gptq-w128", recipe=G4, windows=128, knob="size"),
     Variant(label="gptq-mix-noshakespeare-s1", recipe=G4, calib="ptb+kjv", seed=1,
             knob="corpus"),
