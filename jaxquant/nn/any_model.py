@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
 import jax
+from flax import traverse_util
 
 from jaxquant.nn.layer_quant import LayerPlan
 from jaxquant.nn.linen_model import convert_linen, is_quantized_linen, quantize_linen
@@ -119,7 +120,8 @@ def save_serving(
 ) -> pathlib.Path:
     """Saves a quantized model's serving params and its rules.
 
-    ``directory/params`` is a :mod:`jaxquant.checkpoint` (packed QArrays as codes and scales);
+    ``directory/params`` is a :mod:`jaxquant.checkpoint` (packed QArrays as codes and scales,
+    and the ``input_scale`` of layers that have one: AWQ, SmoothQuant);
     ``directory/quantize_model.json`` holds the rules (``QuantRule.to_dict``) and each layer's
     plan (shape, group size used), so :func:`restore_serving` rebuilds the served model from
     the model's code alone.
@@ -206,7 +208,13 @@ def restore_serving(directory: str | os.PathLike, model, *example_inputs, **exam
         return qmodel, tree
     from flax import nnx
 
+    from jaxquant.nn.input_scale import INPUT_SCALE
+    from jaxquant.nn.nnx_model import set_input_scales
+
     served = to_serving(qmodel)
+    flat = traverse_util.flatten_dict(tree)  # layers saved with an input scale (AWQ, ...)
+    scales = {"/".join(map(str, k[:-1])): v for k, v in flat.items() if k[-1] == INPUT_SCALE}
+    set_input_scales(served, scales)
     state = nnx.state(served, nnx.Not(nnx.RngState))
     nnx.replace_by_pure_dict(state, tree)
     nnx.update(served, state)

@@ -30,6 +30,7 @@ from flax import traverse_util
 
 from jaxquant.core import QArray
 from jaxquant.core.einsum_spec import parse_einsum
+from jaxquant.nn.input_scale import INPUT_SCALE, ScaledInput, divide, einsum_axes, input_scale
 from jaxquant.nn.layer_quant import (
     ConvOp,
     DotOp,
@@ -363,14 +364,18 @@ class _Interceptor:
             mod.get_variable("params", "kernel") if mod.has_variable("params", "kernel") else None
         )
         served = isinstance(stored, QArray)
+        scale = None  # AWQ / SmoothQuant: the input is divided by it (jaxquant.nn.input_scale)
+        if mod.has_variable("params", INPUT_SCALE):
+            scale = mod.get_variable("params", INPUT_SCALE)
         if op is Op.EINSUM:
-            return _linen_einsum(mod, plan, stored if served else None, args, kwargs)
+            return _linen_einsum(mod, plan, stored if served else None, args, kwargs, scale)
         hook_fn = ConvOp(plan) if op is Op.CONV else DotOp(plan)
-        attrs = {hook: hook_fn, hook_cls: None}
+        attrs = {hook: hook_fn if scale is None else ScaledInput(hook_fn), hook_cls: None}
         if served:
             attrs["param"] = _served_param(mod, plan, stored)
             attrs["promote_dtype"] = promote_keep_qarray
-        with _patched(mod, attrs):
+        scaling = contextlib.nullcontext() if scale is None else input_scale(scale)
+        with _patched(mod, attrs), scaling:
             return next_fun(*args, **kwargs)
 
 
@@ -430,11 +435,13 @@ def _served_param(mod, plan: LayerPlan, q: QArray):
     return param
 
 
-def _linen_einsum(mod: nn.Einsum, plan: LayerPlan, served: QArray | None, args, kwargs):
+def _linen_einsum(mod: nn.Einsum, plan: LayerPlan, served: QArray | None, args, kwargs, scale):
     from jaxquant.core.dot_general import einsum
 
     x = args[0]
     eq = _einsum_str(mod, args, kwargs)
+    if scale is not None:
+        x = divide(plan, x, scale, einsum_axes(plan, eq, x))
     kernel = served
     if kernel is None:
         kernel = mod.param("kernel", mod.kernel_init, mod.shape, mod.param_dtype)

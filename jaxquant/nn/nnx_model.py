@@ -11,6 +11,7 @@ QArrays held by :class:`QKernel` variables.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 
 import jax
@@ -19,6 +20,7 @@ from flax import nnx
 
 from jaxquant.core import QArray
 from jaxquant.core.einsum_spec import parse_einsum
+from jaxquant.nn.input_scale import INPUT_SCALE, ScaledInput, input_scale, input_scale_shape
 from jaxquant.nn.layer_quant import (
     ConvOp,
     DotOp,
@@ -43,7 +45,7 @@ _NNX_LAYERS = {
     nnx.Einsum: (Op.EINSUM, "einsum_op", None),
     nnx.Conv: (Op.CONV, "conv_general_dilated", None),
 }
-_HOOKS = (DotOp, EinsumOp, ConvOp)
+_HOOKS = (DotOp, EinsumOp, ConvOp, ScaledInput)
 # What a layer's hook is when its author did not set one (else quantize_model would replace it).
 _DEFAULT_HOOKS = (None, jax.lax.dot_general, jax.lax.conv_general_dilated, jnp.einsum)
 
@@ -57,6 +59,57 @@ class QKernel(nnx.Variable):
         if key is Ellipsis and isinstance(value, QArray):
             return value
         return super().__getitem__(key)
+
+
+class InputScale(nnx.Variable):
+    """A served layer's per-input-channel scale ``s`` (:mod:`jaxquant.nn.input_scale`): the
+    layer divides its input by it before its quantized product (AWQ, SmoothQuant)."""
+
+
+@functools.cache
+def _scaled_class(cls: type) -> type:
+    """A subclass of the layer class ``cls`` whose call makes ``self.input_scale`` the active
+    input scale (read by its :class:`~jaxquant.nn.input_scale.ScaledInput` hook)."""
+
+    def __call__(self, *args, **kwargs):
+        with input_scale(self.input_scale[...]):
+            return cls.__call__(self, *args, **kwargs)
+
+    ns = {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+          "__doc__": cls.__doc__}
+    return type(cls)(cls.__name__, (cls,), ns)
+
+
+def set_input_scales(served: nnx.Module, scales: Mapping[str, jax.Array]) -> None:
+    """Gives layers of a serving copy an input scale, in place: ``served.<path>.input_scale`` an
+    :class:`InputScale` of :func:`~jaxquant.nn.input_scale.input_scale_shape`, its product hook
+    wrapped in :class:`~jaxquant.nn.input_scale.ScaledInput`.
+
+    Args:
+      served: a serving copy (:func:`to_serving_nnx`).
+      scales: ``{path: s}`` for quantized dot / einsum / conv layers of ``served``.
+    """
+    scales = dict(scales)
+    plans = layer_plans(served)
+    for keys, node in nnx.iter_graph(served):
+        path = _path(keys)
+        if path not in scales or not isinstance(node, nnx.Module):
+            continue
+        plan, s = plans.get(path), jnp.asarray(scales.pop(path))
+        if plan is None or plan.op not in (Op.DOT, Op.EINSUM, Op.CONV):
+            raise ValueError(f"{path}: only a quantized dot, einsum or conv layer takes an "
+                             "input scale.")
+        if tuple(s.shape) != input_scale_shape(plan):
+            raise ValueError(f"{path}: input scale {tuple(s.shape)} != "
+                             f"{input_scale_shape(plan)}.")
+        hook = _kind(node)[1]
+        if not isinstance(getattr(node, hook), ScaledInput):
+            setattr(node, hook, ScaledInput(getattr(node, hook)))
+            object.__setattr__(node, "__class__", _scaled_class(type(node)))
+        setattr(node, INPUT_SCALE, InputScale(s))
+    if scales:
+        raise ValueError(f"input scales given for paths that are no layer of this model: "
+                         f"{sorted(scales)}.")
 
 
 class QuantEmbed(nnx.Embed):
@@ -237,7 +290,11 @@ def layer_plans(qmodel: nnx.Module) -> dict[str, LayerPlan]:
     return out
 
 
-def to_serving_nnx(qmodel: nnx.Module, kernels: Mapping[str, QArray] | None = None) -> nnx.Module:
+def to_serving_nnx(
+    qmodel: nnx.Module,
+    kernels: Mapping[str, QArray] | None = None,
+    input_scales: Mapping[str, jax.Array] | None = None,
+) -> nnx.Module:
     """A serving copy of a quantized NNX model: each quantized kernel a packed QArray in a
     :class:`QKernel` (no float copy), run by the same hooks. ``qmodel`` is unchanged.
 
@@ -246,6 +303,8 @@ def to_serving_nnx(qmodel: nnx.Module, kernels: Mapping[str, QArray] | None = No
       kernels: ``{path: QArray}`` kernels already quantized (by GPTQ, laid out as
         ``LayerPlan.quantize_kernel`` lays them out) used instead of rounding those layers'
         float kernels to nearest.
+      input_scales: ``{path: s}``: those layers divide their input by ``s`` (AWQ, SmoothQuant:
+        their ``kernels`` quantize ``W * s``); see :func:`set_input_scales`.
 
     Raises:
       ValueError: when ``qmodel`` has no quantized layer (not from ``quantize_model``).
@@ -280,4 +339,6 @@ def to_serving_nnx(qmodel: nnx.Module, kernels: Mapping[str, QArray] | None = No
     if kernels:
         raise ValueError(f"to_serving: kernels given for layers that are not quantized float "
                          f"layers of this model: {sorted(kernels)}.")
+    if input_scales:
+        set_input_scales(s, input_scales)
     return s
