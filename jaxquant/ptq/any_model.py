@@ -1,4 +1,4 @@
-"""Calibrated PTQ (GPTQ) of any model :func:`jaxquant.quantize_model` handles.
+"""Calibrated PTQ (GPTQ, AWQ, SmoothQuant) of any model :func:`jaxquant.quantize_model` handles.
 
 ``jq.quantize_model(model, rules, *inputs)`` makes a Flax linen or NNX model quantization-aware,
 and ``to_serving`` rounds its kernels to nearest. :func:`calibrate_and_convert` is ``to_serving``
@@ -12,6 +12,11 @@ contracting axes, convolutions as im2col patches), and quantizes the kernel with
 adapted to the layer). The result is laid out exactly as ``to_serving`` lays it out, so the model
 serves it unchanged. All layers' statistics come from one float pass (one-shot).
 
+AWQ and SmoothQuant (:mod:`jaxquant.ptq.any_model_scales`) also search a per-input-channel scale
+``s`` per layer from the same statistics; the served layer keeps it as ``input_scale`` and
+computes ``(x / s) . Q(W * s)`` (:mod:`jaxquant.nn.input_scale`), since on an arbitrary model
+there is no known op before the layer to fold ``1 / s`` into.
+
 Layers GPTQ does not apply to (embeddings, attention products) are converted as ``to_serving``
 converts them. Capturing the inputs is :mod:`jaxquant.ptq.layer_inputs`; the matrix views are
 :mod:`jaxquant.ptq.kernel_view`.
@@ -21,6 +26,7 @@ Example (linen)::
     qmodel = jq.quantize_model(model, rules, x)
     variables = model.init(key, x)
     serving = calibrate_and_convert(qmodel, variables, [(x1,), (x2,)])   # GPTQ
+    serving = calibrate_and_convert(qmodel, variables, batches, method="awq")
     y = qmodel.apply(serving, x)
 
 Example (NNX)::
@@ -47,11 +53,14 @@ from jaxquant.core import QArray
 from jaxquant.core.dot_general import quantize_operand
 from jaxquant.core.qtypes import QKind, get_qtype
 from jaxquant.nn.any_model import layer_plans
+from jaxquant.nn.input_scale import INPUT_SCALE
 from jaxquant.nn.layer_quant import LayerPlan, Op
 from jaxquant.nn.linen_model import convert_linen
+from jaxquant.ptq.any_model_scales import SCALED_METHODS, AWQConfig, ScaleConfig
 from jaxquant.ptq.gptq import GPTQConfig, gptq_quantize
 from jaxquant.ptq.hessian import InputStats, hessian
 from jaxquant.ptq.kernel_view import (
+    channel_rows,
     from_matrix,
     matrix_spec,
     matrix_view,
@@ -60,19 +69,20 @@ from jaxquant.ptq.kernel_view import (
 )
 from jaxquant.ptq.layer_inputs import iter_batches, measure
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", *SCALED_METHODS)
 _GPTQ_DEFAULT = GPTQConfig()
 
 
 def calibrate_and_convert(
     qmodel,
     *args,
-    method: str = "gptq",
+    method: str | ScaleConfig = "gptq",
     gptq: GPTQConfig = _GPTQ_DEFAULT,
     call_kwargs: Mapping | None = None,
     blocks: str | None = None,
 ):
-    r"""Serving form of a quantized model, its kernels quantized by GPTQ on calibration data.
+    r"""Serving form of a quantized model, its kernels quantized by GPTQ (or AWQ, SmoothQuant)
+    on calibration data.
 
     linen: ``calibrate_and_convert(qmodel, variables, calib_batches)`` returns serving variables
     (as ``to_serving(qmodel, variables)`` does). NNX: ``calibrate_and_convert(qmodel,
@@ -83,13 +93,20 @@ def calibrate_and_convert(
       *args: linen: ``(variables, calib_batches)``; NNX: ``(calib_batches,)``.
         ``calib_batches`` is an iterable of tuples of positional inputs of the model's
         ``__call__`` (``[(x1,), (x2,)]``; ``None`` is allowed with ``method="rtn"``).
-      method: ``"gptq"``, or ``"rtn"`` (round to nearest through the same matrix views: the
-        same params as ``to_serving``).
+      method: ``"gptq"``; ``"rtn"`` (round to nearest through the same matrix views: the
+        same params as ``to_serving``); ``"awq"`` (a searched input scale ``s`` per layer, then
+        ``W * s`` rounded to nearest), ``"awq+gptq"`` (``W * s`` solved by GPTQ) or
+        ``"smoothquant"`` (rules that quantize activations); or an
+        :class:`~jaxquant.ptq.any_model_scales.AWQConfig` /
+        :class:`~jaxquant.ptq.any_model_scales.SmoothQuantConfig` for their settings. With a
+        scale, each layer serves ``(x / s) . Q(W * s)``: ``s`` is stored next to its kernel
+        (linen: ``params/<layer>/input_scale``; NNX: ``<layer>.input_scale``, an
+        :class:`~jaxquant.nn.nnx_model.InputScale`).
       gptq: :class:`~jaxquant.ptq.gptq.GPTQConfig` (damp, block size, act order).
       call_kwargs: keyword arguments of every calibration call (e.g. ``{"train": False}``).
       blocks: None (one-shot: every layer's statistics from one float pass), or a regex matched
         at the start of layer paths whose match names a repeated block (``r"block_\d+"``,
-        ``r"blocks/\d+"``): sequential GPTQ. Layers are quantized group by group in the order
+        ``r"blocks/\d+"``): sequential calibration. Layers are quantized group by group in the order
         the forward calls them (a block's layers, or a run of layers outside any block), each
         group on inputs recomputed with the groups before it quantized (their weights on the
         grid; activations float). One float pass over the batches per group.
@@ -99,13 +116,14 @@ def calibrate_and_convert(
 
     Raises:
       ValueError: an unknown method, an empty or malformed ``calib_batches``, a batch the
-        model's forward rejects, a quantized layer no batch reaches, or a layer GPTQ cannot
-        quantize (non-int weights, a kernel with batch axes).
+        model's forward rejects, a quantized layer no batch reaches, a layer GPTQ cannot
+        quantize (non-int weights, a kernel with batch axes), a layer without one scale per
+        input channel (a grouped conv) for AWQ / SmoothQuant, or SmoothQuant on a layer whose
+        rule keeps activations float.
     """
     linen = isinstance(qmodel, nn.Module)
     variables, batches = _split_args(linen, args)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    solver, scaler = _resolve_method(method)
     if not isinstance(gptq, GPTQConfig):
         raise ValueError(f"gptq must be a GPTQConfig, got {type(gptq).__name__}.")
     plans = layer_plans(qmodel)
@@ -114,33 +132,76 @@ def calibrate_and_convert(
         for p, plan in plans.items()
         if plan.op in (Op.DOT, Op.EINSUM, Op.CONV) and plan.config.rhs is not None
     }
-    if method == "gptq":
+    for plan in targets.values() if scaler is not None else ():
+        scaler.check(plan)
+    if solver == "gptq":
         for plan in targets.values():
             if get_qtype(plan.config.rhs.qtype).kind is not QKind.INT:
                 raise ValueError(
                     f"{plan.path}: GPTQ needs intN weights, this layer's rule asks for "
-                    f"{plan.config.rhs.qtype}. Use method='rtn', or an int format for it."
+                    f"{plan.config.rhs.qtype}. Use method='rtn' / 'awq', or an int format "
+                    "for it."
                 )
-        if batches is None:
-            raise ValueError("method='gptq' needs calib_batches (tuples of model inputs).")
+    if batches is None and (solver, scaler) != ("rtn", None):
+        raise ValueError(f"method={_name(method)!r} needs calib_batches (tuples of model "
+                         "inputs).")
     weights = _float_weights(qmodel, variables, targets, linen)
     call = (qmodel, variables, dict(call_kwargs or {}), linen)
-    if method == "rtn":
+    scales: dict[str, jax.Array] = {}
+    if (solver, scaler) == ("rtn", None):
         kernels = {p: quantize_layer(plan, weights[p], None)[0] for p, plan in targets.items()}
     elif blocks is None:
         stats, _ = measure(*call, targets, batches)
-        kernels = {p: quantize_layer(plan, weights[p], stats[p], gptq)[0]
-                   for p, plan in targets.items()}
+        kernels = {}
+        for p, plan in targets.items():
+            kernels[p], _, scales[p] = _convert_layer(plan, weights[p], stats[p], solver, scaler,
+                                                      gptq)
     else:
-        kernels = _sequential(*call, targets, batches, weights, blocks, gptq)
+        kernels, scales = _sequential(*call, targets, batches, weights, blocks,
+                                      (solver, scaler, gptq))
+    scales = {p: s for p, s in scales.items() if s is not None}
     if linen:
         flat = traverse_util.flatten_dict(_as_dict(variables["params"]))
         for p, q in kernels.items():
             flat[(*(k for k in p.split("/") if k), targets[p].weight_name)] = q
+        for p, s in scales.items():
+            flat[(*(k for k in p.split("/") if k), INPUT_SCALE)] = s
         return convert_linen(qmodel, {**variables, "params": traverse_util.unflatten_dict(flat)})
     from jaxquant.nn.nnx_model import to_serving_nnx
 
-    return to_serving_nnx(qmodel, kernels)
+    return to_serving_nnx(qmodel, kernels, scales)
+
+
+def _name(method) -> str:
+    return method if isinstance(method, str) else getattr(method, "name", repr(method))
+
+
+def _resolve_method(method) -> tuple[str, ScaleConfig | None]:
+    """``(solver, scaler)``: ``"rtn"`` or ``"gptq"`` for the (scaled) kernel, and the input
+    scale's config (None: no input scale)."""
+    if isinstance(method, str):
+        if method in ("rtn", "gptq"):
+            return method, None
+        if method not in SCALED_METHODS:
+            raise ValueError(f"method must be one of {METHODS} (or an AWQConfig / "
+                             f"SmoothQuantConfig), got {method!r}.")
+        method = SCALED_METHODS[method]
+    if not isinstance(method, ScaleConfig):
+        raise ValueError(f"method must be one of {METHODS} or an AWQConfig / SmoothQuantConfig, "
+                         f"got a {type(method).__name__}.")
+    return ("gptq" if isinstance(method, AWQConfig) and method.gptq else "rtn"), method
+
+
+def _convert_layer(plan, kernel, stats, solver, scaler, config):
+    """``(qarray, wq2, s)``: one layer's serving kernel, the float matrix the layer computes
+    with (``Q(W * s) / s`` on the matrix view) and its input scale (None without a scaler)."""
+    s = None
+    if scaler is not None:
+        s, _ = scaler.scale(plan, _to_matrix(plan, kernel), stats)
+    q, wq2 = quantize_layer(plan, kernel, None if solver == "rtn" else stats, config, scale=s)
+    if s is not None:
+        wq2 = wq2 / channel_rows(plan, s)[:, None]
+    return q, wq2, s
 
 
 def quantize_layer(
@@ -148,6 +209,8 @@ def quantize_layer(
     kernel: jax.Array,
     stats: InputStats | None,
     config: GPTQConfig = _GPTQ_DEFAULT,
+    *,
+    scale: jax.Array | None = None,
 ) -> tuple[QArray, jax.Array]:
     """One layer's serving kernel, from its float kernel and its inputs' statistics.
 
@@ -157,13 +220,19 @@ def quantize_layer(
       stats: :class:`~jaxquant.ptq.hessian.InputStats` of the matrix view's rows with a leading
         feature-group axis (``xtx [groups, d_in, d_in]``); None rounds to nearest.
       config: GPTQ settings.
+      scale: an input scale ``s`` (``input_scale_shape(plan)``, AWQ / SmoothQuant): the kernel
+        quantized is ``W * s`` (its matrix rows times ``s``), and GPTQ's Hessian is that of the
+        inputs ``x / s``, ``diag(1/s) H diag(1/s)``.
 
     Returns:
       ``(qarray, w2)``: the kernel laid out as ``plan.quantize_kernel(kernel)`` lays it out,
-      and the quantized matrix ``w2 [d_in, d_out]`` (float32) it represents.
+      and the quantized matrix ``w2 [d_in, d_out]`` (float32) it represents (of ``W * s``).
     """
     w2 = _to_matrix(plan, kernel)
     spec = matrix_spec(plan)
+    r = None if scale is None else channel_rows(plan, jnp.asarray(scale, jnp.float32))
+    if r is not None:
+        w2 = w2 * r[:, None]
     if stats is None:
         parts = (_rtn(w2, spec),)
     else:
@@ -172,6 +241,8 @@ def quantize_layer(
         parts = []
         for j in range(groups):
             h = hessian(jax.tree.map(lambda a, j=j: a[j], stats))
+            if r is not None:
+                h = h / (r[:, None] * r[None, :])
             parts.append(gptq_quantize(w2[:, j * cols : (j + 1) * cols], h, spec, config)[0])
     q, wq2 = _assemble(plan, tuple(parts))
     dtype = np.dtype(jnp.asarray(kernel).dtype)
@@ -224,8 +295,9 @@ def _split_args(linen: bool, args):
     return None, args[0]
 
 
-def _sequential(qmodel, variables, call_kwargs, linen, targets, batches, weights, blocks, cfg):
-    """Sequential GPTQ: group by group (see ``blocks`` of :func:`calibrate_and_convert`)."""
+def _sequential(qmodel, variables, call_kwargs, linen, targets, batches, weights, blocks, how):
+    """Sequential calibration: group by group (see ``blocks`` of :func:`calibrate_and_convert`);
+    ``how`` is ``(solver, scaler, gptq_config)``. Returns ``(kernels, input scales)``."""
     try:
         pattern = re.compile(blocks)
     except (re.error, TypeError) as e:
@@ -247,14 +319,13 @@ def _sequential(qmodel, variables, call_kwargs, linen, targets, batches, weights
             groups[-1].append(p)
         else:
             groups.append([p])
-    kernels, done = {}, {}
+    kernels, scales, done = {}, {}, {}
     for group in groups:
         stats, _ = measure(*call, {p: targets[p] for p in group}, batches, done)
         for p in group:
-            q, wq2 = quantize_layer(targets[p], weights[p], stats[p], cfg)
-            kernels[p] = q
+            kernels[p], wq2, scales[p] = _convert_layer(targets[p], weights[p], stats[p], *how)
             done[p] = from_matrix(targets[p], wq2).astype(jnp.asarray(weights[p]).dtype)
-    return kernels
+    return kernels, scales
 
 
 def _float_weights(qmodel, variables, targets, linen) -> dict[str, jax.Array]:

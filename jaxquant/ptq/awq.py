@@ -39,6 +39,13 @@ def fake_quant_kernel(w: jax.Array, spec: QuantSpec) -> jax.Array:
     return quantize_operand(w, spec, (0,), pack=False).dequantize()
 
 
+def awq_scales(x_mean: jax.Array, alpha) -> jax.Array:
+    """AWQ's candidate scale ``mean|x|^alpha``, normalised so ``sqrt(max s * min s) = 1`` and
+    at least ``1e-4`` (``alpha = 0``: all ones). ``x_mean`` is ``[d_in]`` ``mean |x|``."""
+    s = jnp.maximum(x_mean, 1e-8) ** alpha
+    return jnp.maximum(s / jnp.sqrt(s.max() * s.min()), 1e-4)
+
+
 def search_scale(
     x: jax.Array,
     kernels: Sequence[jax.Array],
@@ -71,8 +78,7 @@ def search_scale(
 
     @jax.jit
     def loss_for(alpha):
-        s = jnp.maximum(x_mean, 1e-8) ** alpha
-        s = jnp.maximum(s / jnp.sqrt(s.max() * s.min()), 1e-4)
+        s = awq_scales(x_mean, alpha)
         ks = [fake_quant_kernel(k * s[:, None], spec) / s[:, None] for k in kernels]
         return jnp.mean((block_fn(ks, x) - ref) ** 2), s
 

@@ -203,3 +203,36 @@ def conv_rows(
     )
     x2 = _rows(patches, (dn.out_spec[1],))
     return x2.reshape(x2.shape[0], feature_group_count, -1).transpose(1, 0, 2)
+
+
+# --- per-input-channel scales (AWQ, SmoothQuant) -----------------------------------------------
+
+
+def _channel_layout(plan: LayerPlan) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """``(row_shape, perm, taps)``: the rows as ``row_shape`` (row axes' sizes), the permutation
+    taking them to ascending kernel axes (the input scale's order), and the rows per channel
+    (a conv's window; 1 for dot / einsum)."""
+    if plan.op is Op.CONV:
+        return (plan.kernel_shape[-2],), (0,), math.prod(plan.kernel_shape[:-2])
+    rows = row_axes(plan)
+    order = sorted(rows)
+    return tuple(plan.kernel_shape[a] for a in rows), tuple(rows.index(a) for a in order), 1
+
+
+def channel_stat(plan: LayerPlan, v: jax.Array, reduce: str) -> jax.Array:
+    """A per-row statistic ``[d_in]`` of the matrix view as a per-input-channel one, flat
+    ``[prod(input_scale_shape)]`` in the input scale's order (ascending kernel axes): a dot /
+    einsum's rows are its channels (reordered); a conv's ``window`` rows of one input channel
+    are reduced (``reduce``: ``"mean"`` or ``"max"``)."""
+    shape, perm, taps = _channel_layout(plan)
+    v = jnp.asarray(v).reshape(-1, taps)
+    v = v.mean(axis=1) if reduce == "mean" else v.max(axis=1)
+    return jnp.transpose(v.reshape(shape), perm).reshape(-1)
+
+
+def channel_rows(plan: LayerPlan, s: jax.Array) -> jax.Array:
+    """An input scale (``input_scale_shape`` or flat) as the matrix view's rows ``[d_in]``: the
+    inverse reorder of :func:`channel_stat`, a conv's channel repeated over its window."""
+    shape, perm, taps = _channel_layout(plan)
+    s = jnp.reshape(s, tuple(shape[p] for p in perm))
+    return jnp.repeat(jnp.transpose(s, np.argsort(perm)).reshape(-1), taps)

@@ -313,7 +313,7 @@ def test_bad_input_raises_one_line_value_errors():
         "empty": lambda: calibrate_and_convert(qmodel, variables, []),
         "empty generator": lambda: calibrate_and_convert(qmodel, variables, iter(())),
         "unknown method": lambda: calibrate_and_convert(qmodel, variables, batches,
-                                                        method="awq"),
+                                                        method="awq2"),
         "not tuples": lambda: calibrate_and_convert(qmodel, variables, [batches[0][0]]),
         "one array": lambda: calibrate_and_convert(qmodel, variables, batches[0][0]),
         "no variables": lambda: calibrate_and_convert(qmodel, batches),
