@@ -4,8 +4,9 @@
 params for ``Transformer(serve_cfg, QuantMode.SERVE)``; the layer-level algorithms work on any
 kernel ``[d_in, d_out]`` and its input statistics. Each algorithm is one file implementing
 :class:`PTQAlgorithm`, registered by its recipe method in :data:`ALGORITHMS`.
-:func:`calibrate_and_convert` is GPTQ for any model ``jq.quantize_model`` handles (linen or NNX;
-Dense, DenseGeneral, Einsum, Conv).
+:func:`calibrate_and_convert` is GPTQ (or AWQ, AWQ+GPTQ, SmoothQuant: the configs in
+:mod:`jaxquant.ptq.any_model_scales`) for any model ``jq.quantize_model`` handles (linen or
+NNX; Dense, DenseGeneral, Einsum, Conv).
 """
 
 from jaxquant.ptq.algorithm import PTQAlgorithm as PTQAlgorithm

@@ -81,7 +81,8 @@ class AWQConfig:
         alphas = jnp.arange(self.n_grid, dtype=jnp.float32) / self.n_grid
         if self.alpha is not None:
             alphas = jnp.asarray([0.0, self.alpha], jnp.float32)  # 0: the RTN reference
-        losses = _awq_losses(plan, matrix_spec(plan), w2, hessian(stats), mean, alphas)
+        rows = channel_rows(plan, jnp.arange(mean.shape[0]))  # each row's channel
+        losses = _awq_losses(matrix_spec(plan), w2, hessian(stats), mean, alphas, rows)
         best = int(jnp.argmin(losses)) if self.alpha is None else 1
         s = awq_scales(mean, alphas[best]).reshape(input_scale_shape(plan))
         info = {"alpha": float(alphas[best]), "loss": float(losses[best]),
@@ -145,12 +146,13 @@ def _one_group(plan: LayerPlan, stats: InputStats, method: str) -> InputStats:
     return jax.tree.map(lambda a: a[0], stats)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _awq_losses(plan: LayerPlan, spec: QuantSpec, w2, h, mean, alphas) -> jax.Array:
-    """AWQ's output error ``tr(dW^T H dW)`` for each ``alpha``, ``[n_grid]``."""
+@functools.partial(jax.jit, static_argnums=0)
+def _awq_losses(spec: QuantSpec, w2, h, mean, alphas, rows) -> jax.Array:
+    """AWQ's output error ``tr(dW^T H dW)`` for each ``alpha``, ``[n_grid]`` (``rows``: the
+    channel of each row of ``w2``; one compiled program per shape and spec)."""
 
     def loss(alpha):
-        r = channel_rows(plan, awq_scales(mean, alpha))[:, None]
+        r = awq_scales(mean, alpha)[rows][:, None]
         dw = fake_quant_kernel(w2 * r, spec) / r - w2
         return jnp.sum(dw * jnp.matmul(h, dw, precision="highest"))
 

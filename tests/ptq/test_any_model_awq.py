@@ -52,14 +52,14 @@ LINEN = {
 
 @functools.cache
 def linen_awq(name: str) -> SimpleNamespace:
-    """A linen model, its quantized form, float variables, 3 calibration batches, held-out
+    """A linen model, its quantized form, float variables, 2 calibration batches, held-out
     inputs, and its serving variables by AWQ with alpha 0.5."""
     cls, inputs, rules = LINEN[name]
     model = cls()
     x = inputs(0, 2)
     qmodel = jq.quantize_model(model, rules, x)
     variables = jax.jit(model.init)(jax.random.key(1), x)
-    batches = [(inputs(10 + i, 64),) for i in range(3)]
+    batches = [(inputs(10 + i, 64),) for i in range(2)]
     awq = calibrate_and_convert(qmodel, variables, batches, method=FIXED)
     return SimpleNamespace(model=model, qmodel=qmodel, variables=variables, batches=batches,
                            x=inputs(99, 128), awq=awq)
@@ -71,7 +71,7 @@ def nnx_awq() -> SimpleNamespace:
     rules = [jq.QuantRule("conv", jq.weight_only("int4", group_size=4)),
              jq.QuantRule(".*", INT4_G16)]
     qmodel = jq.quantize_model(model, rules, images(0, 2))
-    batches = [(images(10 + i, 64),) for i in range(3)]
+    batches = [(images(10 + i, 64),) for i in range(2)]
     return SimpleNamespace(model=model, qmodel=qmodel, batches=batches, x=images(99, 128),
                            awq=calibrate_and_convert(qmodel, batches, method=FIXED))
 
@@ -90,10 +90,10 @@ def _on_kernel(plan, s) -> jax.Array:
 
 def test_awq_with_unit_scale_is_rtn_exactly():
     """``n_grid=1`` searches ``alpha = 0`` only, so ``s = 1``: the kernels are RTN's bit for bit
-    and the served output is RTN's."""
+    and the served output is RTN's (``method="rtn"`` is ``to_serving``: test_any_model_ptq)."""
     r = linen_awq("mlp")
     got = calibrate_and_convert(r.qmodel, r.variables, r.batches, method=AWQConfig(n_grid=1))
-    rtn = to_serving(r.qmodel, r.variables)
+    rtn = calibrate_and_convert(r.qmodel, r.variables, None, method="rtn")
     for layer in ("Dense_0", "Dense_1"):
         assert same_tree(got["params"][layer]["kernel"], rtn["params"][layer]["kernel"])
         np.testing.assert_array_equal(got["params"][layer]["input_scale"], np.ones(D))
@@ -101,7 +101,7 @@ def test_awq_with_unit_scale_is_rtn_exactly():
 
     r = nnx_awq()
     got = calibrate_and_convert(r.qmodel, r.batches, method=AWQConfig(n_grid=1))
-    rtn = to_serving(r.qmodel)
+    rtn = calibrate_and_convert(r.qmodel, None, method="rtn")
     for layer in ("conv", "fc1", "fc2"):
         assert same_tree(getattr(got, layer).kernel.get_value(),
                          getattr(rtn, layer).kernel.get_value())
