@@ -368,8 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "checkpoint that `eval --checkpoint` scores")
     common(ft)
     ft.add_argument("--method", required=True,
-                    help="float | qat:QTYPE[:gSIZE] (qat:int4:g128, qat:int2:g64) | qat:w8a8 "
-                         "| lora[:rRANK] | qlora[:rRANK]")
+                    help="float | qat:QTYPE[:gSIZE][:lsq] (qat:int4:g128, qat:int2:g64; "
+                         ":lsq learns the weight scales, LSQ) | qat:w8a8 | lora[:rRANK] | "
+                         "qlora[:rRANK]")
     ft.add_argument("--steps", type=int, required=True, help="optimizer steps")
     ft.add_argument("--out", required=True, help="run directory: training checkpoints and the "
                                                  "final serving checkpoint")
@@ -382,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--weight-decay", type=float, default=0.0)
     ft.add_argument("--checkpoint-every", type=int, default=100)
     ft.add_argument("--init", choices=["rtn", "gptq"], default="rtn",
-                    help="qat: start from the float weights (rtn) or GPTQ's weights")
+                    help="qat: start from the float weights (rtn) or GPTQ's weights "
+                         "(with :lsq also GPTQ's scales)")
     ft.add_argument("--requant", help="lora/qlora: PTQ of the merged model for serving: rtn "
                                       "(rtn:nf4:g64, the qlora default) | gptq (gptq:int4:g64) "
                                       "| a recipe such as gptq:int4:g128 (lora default: float)")

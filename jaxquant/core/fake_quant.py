@@ -71,7 +71,10 @@ def lsq_fake_quant(x: jax.Array, scale: jax.Array, spec: QuantSpec) -> jax.Array
 
     ``y = round(clip(x / s, -qmax, qmax)) * s`` with a straight-through ``round``, so ``x``
     gets gradient 1 inside the range and 0 outside, and ``s`` gets LSQ's gradient, scaled by
-    ``1 / sqrt(n * qmax)`` (``n`` elements per scale entry) for stable training.
+    ``1 / sqrt(n * qmax)`` (``n`` elements per scale entry) for stable training. With
+    ``spec.full_range`` the clip is ``[qmin, qmax]`` (every code, as :func:`quantize` uses it;
+    ``s`` may then be negative, as a full-range RTN scale is). The forward uses ``s`` exactly,
+    so ``y`` equals ``quantize(x, spec, scale=s).dequantize()`` bit for bit.
 
     Args:
       x: float tensor.
@@ -90,10 +93,13 @@ def lsq_fake_quant(x: jax.Array, scale: jax.Array, spec: QuantSpec) -> jax.Array
         raise ValueError(f"scale has shape {tuple(scale.shape)}; expected {layout.scale_shape}.")
     n_per_scale = x.size // max(1, scale.size)
     g = 1.0 / jnp.sqrt(float(n_per_scale * qt.qmax))
-    s = scale * g + jax.lax.stop_gradient(scale - scale * g)  # value s, gradient scaled by g
-    sg = calibration.expand_stat(s, layout)
-    xg = calibration.to_grouped(x, layout)
-    v = jnp.clip(xg / sg, -qt.qmax, qt.qmax)
+    # Value exactly s (sg(a) - a is exactly 0), gradient scaled by g.
+    s = jax.lax.stop_gradient(scale) + (scale * g - jax.lax.stop_gradient(scale * g))
+    # In float32, as quantize_codes / dequantize_codes compute (whatever x's dtype).
+    sg = calibration.expand_stat(s, layout).astype(jnp.float32)
+    xg = calibration.to_grouped(x, layout).astype(jnp.float32)
+    lo = qt.qmin if spec.full_range else -qt.qmax
+    v = jnp.clip(xg / sg, lo, qt.qmax)
     # Sign codes (binary) have no 0: the forward is sign(v) (0 -> +1), the gradient v's.
     code = _round_ste(v) if qt.has_zero else v + jax.lax.stop_gradient(
         jnp.where(v >= 0, 1.0, -1.0) - v)

@@ -10,6 +10,10 @@ field in :data:`METHODS`:
                     layer as PTQ does) in the forward, with a straight-through gradient;
                     initialised from the float model (``init="rtn"``) or from GPTQ's
                     dequantized weights (``init="gptq"``). Any qtype of ``jaxquant.core``.
+``qat:QTYPE[:gN]:lsq``  the same with LSQ-learned weight scales (Esser et al. 2020): each
+                    projection's scales (per output column and group) are trained params,
+                    initialised to RTN's scales (or, with ``init="gptq"``, to GPTQ's scales
+                    and codes); symmetric int2..int8 only.
 ``qat:w8a8``        int8 weights and activations, with both backward products in int8 too
                     (:func:`jaxquant.core.fully_quantized`, AQT style).
 ``lora[:rN]``       float LoRA adapters of rank ``N`` on a frozen float base.
@@ -55,7 +59,8 @@ from jaxquant.eval.plots import plot_training_curve
 from jaxquant.models.registry import LoadedModel
 from jaxquant.models.saved import save_quantized
 from jaxquant.nn.config import TransformerConfig
-from jaxquant.nn.modes import convert
+from jaxquant.nn.linear import init_learned_scales
+from jaxquant.nn.modes import LEARNED_SCALE, convert
 from jaxquant.nn.transformer import Transformer
 from jaxquant.ptq.pipeline import serving_config
 from jaxquant.ptq.recipe import Recipe, parse_recipe
@@ -72,8 +77,8 @@ INITS = ("rtn", "gptq")
 
 
 def _form() -> str:
-    return ("float | qat:QTYPE[:gSIZE] (e.g. qat:int4:g128, qat:int2:g64) | qat:w8a8 | "
-            "lora[:rRANK] | qlora[:rRANK]")
+    return ("float | qat:QTYPE[:gSIZE][:lsq] (e.g. qat:int4:g128, qat:int2:g64, "
+            "qat:int4:g128:lsq) | qat:w8a8 | lora[:rRANK] | qlora[:rRANK]")
 
 
 # --- methods --------------------------------------------------------------------------------
@@ -175,19 +180,23 @@ class FloatMethod(FinetuneMethod):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QATMethod(FinetuneMethod):
-    """``qat:QTYPE[:gSIZE]`` (weight-only fake quantization) or ``qat:w8a8`` (fwd + bwd int8).
+    """``qat:QTYPE[:gSIZE][:lsq]`` (weight-only fake quantization) or ``qat:w8a8`` (fwd + bwd
+    int8).
 
     Attributes:
       qtype: weight format, any name of :data:`jaxquant.core.QTYPES` (int2..int8, nf4, ...).
       group_size: None (a scale per output column) or the group size along the inputs.
       w8a8: int8 weights and activations, backward products in int8 too (``qtype`` is int8,
         no groups).
+      lsq: learn the weight scales (LSQ): every quantized projection's rule gets
+        ``learned_scale=True`` (:class:`~jaxquant.nn.QuantRule`); symmetric int2..int8 only.
     """
 
     kind: ClassVar[str] = "qat"
     qtype: str = "int8"
     group_size: int | None = None
     w8a8: bool = False
+    lsq: bool = False
 
     def __post_init__(self):
         try:
@@ -203,6 +212,10 @@ class QATMethod(FinetuneMethod):
         if self.w8a8 and (self.qtype != "int8" or self.group_size is not None):
             raise ValueError("qat:w8a8 is per-channel int8 weights and per-token int8 "
                              "activations; it takes no qtype or group size.")
+        if self.lsq and (self.w8a8 or not QTYPES[self.qtype].has_full_range):
+            raise ValueError(f"qat:...:lsq learns the scales of a symmetric int grid "
+                             f"(int2..int8), not {'w8a8' if self.w8a8 else self.qtype}; use e.g. "
+                             "qat:int4:g128:lsq, or drop :lsq.")
 
     @classmethod
     def parse(cls, options, text):
@@ -213,19 +226,24 @@ class QATMethod(FinetuneMethod):
             if len(options) > 1:
                 raise ValueError(f"qat:w8a8 takes no options; got {text!r}.")
             return cls(w8a8=True)
-        group = None
-        for p in options[1:]:
+        group, lsq = None, False
+        for i, p in enumerate(options[1:]):
+            if p == "lsq" and i == len(options) - 2:  # last
+                lsq = True
+                continue
             if not (p.startswith("g") and p[1:].isdigit()) or group is not None:
                 raise ValueError(f"bad option {p!r} in {text!r}: expected one group size gSIZE "
-                                 "with SIZE >= 1 (e.g. qat:int4:g128).")
+                                 "with SIZE >= 1, then optionally lsq (e.g. qat:int4:g128, "
+                                 "qat:int4:g128:lsq).")
             group = int(p[1:])
-        return cls(qtype=options[0], group_size=group)
+        return cls(qtype=options[0], group_size=group, lsq=lsq)
 
     @property
     def name(self) -> str:
         if self.w8a8:
             return "qat:w8a8"
-        return ":".join(["qat", self.qtype] + ([f"g{self.group_size}"] if self.group_size else []))
+        return ":".join(["qat", self.qtype] + ([f"g{self.group_size}"] if self.group_size else [])
+                        + (["lsq"] if self.lsq else []))
 
     @property
     def recipe(self) -> Recipe:
@@ -238,7 +256,12 @@ class QATMethod(FinetuneMethod):
         """The QAT model's config: block projections quantized, embeddings and head float."""
         if self.w8a8:
             return cfg.with_quantization(fully_quantized(fwd="int8", bwd="int8"))
-        return serving_config(cfg, self.recipe)
+        cfg = serving_config(cfg, self.recipe)
+        if self.lsq:
+            cfg = dataclasses.replace(cfg, quant_rules=tuple(
+                dataclasses.replace(r, learned_scale=r.config is not None)
+                for r in cfg.quant_rules))
+        return cfg
 
     def check(self, config):
         if config.init == "gptq" and self.w8a8:
@@ -251,17 +274,43 @@ class QATMethod(FinetuneMethod):
     def prepare(self, model, config, *, resume, dataset, progress):
         train_cfg = self.train_config(model.cfg)
         if config.init == "rtn" or resume:  # resuming: the checkpoint overrides the params
-            return Prepared(train_cfg, model.params, {"init": config.init})
+            return Prepared(train_cfg, self._with_scales(train_cfg, model.params),
+                            {"init": config.init})
         recipe = Recipe(method="gptq", qtype=self.qtype, group_size=self.group_size)
         _, qparams, info = tasks.quantize(model, recipe, dataset=dataset,
                                           calib_data=config.calib_data or dataset,
                                           calib_windows=config.calib_windows,
                                           calib_len=config.calib_len, seed=config.seed,
                                           progress=progress)
-        params = jax.tree.map(
-            lambda x: x.dequantize(np.float32) if isinstance(x, QArray) else x, qparams,
-            is_leaf=lambda x: isinstance(x, QArray))
-        return Prepared(train_cfg, params, {"init": "gptq", "init_recipe": recipe.name, **info})
+        params = _dequantized(qparams, keep_scales=self.lsq)
+        return Prepared(train_cfg, self._with_scales(train_cfg, params),
+                        {"init": "gptq", "init_recipe": recipe.name, **info})
+
+    def _with_scales(self, train_cfg, params):
+        """LSQ: ``params`` plus the RTN scale of each projection that has no scale yet."""
+        if not self.lsq:
+            return params
+        return init_learned_scales(Transformer(train_cfg), params)
+
+    def to_serving(self, prepared, state, *, model, config, dataset, progress):
+        cfg, params, info = super().to_serving(prepared, state, model=model, config=config,
+                                               dataset=dataset, progress=progress)
+        # The served model is an ordinary quantized one: its rules don't need learned_scale.
+        rules = tuple(dataclasses.replace(r, learned_scale=False) for r in cfg.quant_rules)
+        return dataclasses.replace(cfg, quant_rules=rules), params, info
+
+
+def _dequantized(qparams, *, keep_scales: bool):
+    """PTQ's serving params with each QArray kernel dequantized to float32; ``keep_scales``:
+    its scale also kept beside it as the LSQ ``kernel_scale`` (GPTQ's grid, exactly)."""
+    if isinstance(qparams, QArray):
+        return qparams.dequantize(np.float32)
+    if not isinstance(qparams, dict):
+        return qparams
+    out = {k: _dequantized(v, keep_scales=keep_scales) for k, v in qparams.items()}
+    if keep_scales and isinstance(qparams.get("kernel"), QArray):
+        out[LEARNED_SCALE] = jnp.asarray(qparams["kernel"].scale, jnp.float32)
+    return out
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -20,18 +20,20 @@ from jaxquant.nn.config import TransformerConfig
 from jaxquant.nn.linear import QDense
 from jaxquant.nn.modes import QuantMode
 from jaxquant.nn.rope import apply_rope
-from jaxquant.nn.rules import config_for, module_path
+from jaxquant.nn.rules import config_for, learned_scale_for, module_path
 
 
 def qdense(
     parent: nn.Module, name: str, features: int, cfg: TransformerConfig, mode: QuantMode
 ) -> QDense:
     """A bias-free :class:`QDense` child named ``name``, quantized by ``cfg.quant_rules``."""
-    config, static = config_for(cfg.quant_rules, module_path(parent, name))
+    path = module_path(parent, name)
+    config, static = config_for(cfg.quant_rules, path)
     return QDense(
         features,
         config=config,
         static_activation=static,
+        learned_scale=learned_scale_for(cfg.quant_rules, path),
         mode=mode,
         dtype=cfg.compute_dtype,
         param_dtype=jnp.dtype(cfg.param_dtype),

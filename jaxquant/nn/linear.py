@@ -15,11 +15,18 @@ float) and ``mode`` (:class:`~jaxquant.nn.modes.QuantMode`):
   with the stored ``lhs_scale`` before the (integer) product.
 
 With a float kernel and ``config=None`` every mode is a plain float layer.
+
+With ``learned_scale=True`` (LSQ QAT) TRAIN keeps the weight scale as a param ``kernel_scale``
+(shape of ``quantize_operand(kernel, config.rhs, contracting_axes).scale``, initialised to that
+RTN scale) and multiplies by ``lsq_fake_quant(kernel, kernel_scale, spec)``: the kernel gets the
+straight-through gradient and the scale LSQ's. CONVERT quantizes the kernel with that scale
+(the codes ``round(clip(kernel / scale))`` TRAIN used), so SERVE reproduces TRAIN's forward.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,7 +39,9 @@ from jaxquant.core import QArray, gather_rows, quantize
 from jaxquant.core.dot_config import DotGeneralConfig
 from jaxquant.core.dot_general import dot_general, einsum, operand_spec, quantize_operand
 from jaxquant.core.einsum_spec import parse_einsum
+from jaxquant.core.fake_quant import lsq_fake_quant
 from jaxquant.nn.modes import (
+    LEARNED_SCALE,
     STATS_COLLECTION,
     QuantMode,
     StaticActivation,
@@ -41,6 +50,7 @@ from jaxquant.nn.modes import (
     static_activation_method,
     static_scale,
 )
+from jaxquant.nn.rules import check_learned_scale
 
 Initializer = Callable[..., jax.Array]
 default_kernel_init = nn.initializers.lecun_normal()
@@ -67,6 +77,9 @@ class QuantizedLinear(nn.Module):
       precision: passed to the float products.
       kernel_init: initializer of the float kernel.
       stats_percentile: ``p`` of the running percentile in CALIBRATE mode (None skips it).
+      learned_scale: LSQ: train the weight scale as the param ``kernel_scale`` (TRAIN) and
+        quantize with it (CONVERT); needs ``config.rhs`` a symmetric int2..int8 spec (see
+        :func:`~jaxquant.nn.rules.check_learned_scale`).
     """
 
     config: DotGeneralConfig | None = _kw(None)
@@ -77,6 +90,7 @@ class QuantizedLinear(nn.Module):
     precision: Any = _kw(None)
     kernel_init: Initializer = _kw(default_kernel_init)
     stats_percentile: float | None = _kw(99.99)
+    learned_scale: bool = _kw(False)
 
     def kernel_contracting_axes(self, *_) -> tuple[int, ...]:
         """The kernel's contracting axes (what ``quantize_operand`` gets)."""
@@ -120,6 +134,26 @@ class QuantizedLinear(nn.Module):
             zp = jnp.broadcast_to(zp.astype(spec.scale_dtype), sshape)
         return quantize(x, spec, scale=scale, zero_point=zp)
 
+    def _learned_kernel(self, kernel, k_contract):
+        """TRAIN: ``(lsq_fake_quant(kernel, kernel_scale), config without rhs)``; CONVERT: the
+        kernel quantized with ``kernel_scale`` (stored in ``params``) and the config."""
+        cfg = self.config
+        w = self._cast(kernel)
+        spec = operand_spec(cfg.rhs, w.ndim, k_contract)
+
+        def rtn_scale(_key):  # the scale plain QAT / RTN would use for this kernel
+            q = quantize_operand(jax.lax.stop_gradient(w), cfg.rhs, k_contract, pack=False)
+            return q.scale.astype(jnp.float32)
+
+        scale = self.param(LEARNED_SCALE, rtn_scale)
+        if self.mode == QuantMode.CONVERT:
+            q = quantize(w, spec, scale=scale.astype(spec.scale_dtype))
+            self.put_variable("params", "kernel", q)
+            return q, cfg
+        rest = dataclasses.replace(cfg, rhs=None)
+        keep = rest.lhs is not None or rest.dlhs is not None or rest.drhs is not None
+        return lsq_fake_quant(w, scale, spec), (rest if keep else None)
+
     def _apply(self, x, kernel_shape, x_contract, k_contract, product):
         """Runs ``product(x, kernel, config)`` according to the mode."""
         x = jnp.asarray(x)
@@ -127,6 +161,7 @@ class QuantizedLinear(nn.Module):
             x = x.astype(self.dtype)
         kernel = self._kernel(kernel_shape, k_contract)
         cfg = self.config
+        check_learned_scale(self.learned_scale, cfg, f"layer {'/'.join(self.path) or self.name}")
         static = static_activation_method(self.static_activation, cfg)
         if self.mode == QuantMode.CALIBRATE:
             xc = jnp.moveaxis(x, x_contract, tuple(range(x.ndim - len(x_contract), x.ndim)))
@@ -137,13 +172,16 @@ class QuantizedLinear(nn.Module):
                     stats.value, xc, n_channel_axes=len(chan), percentile=self.stats_percentile
                 )
             return product(x, self._cast(kernel), None)
-        if self.mode == QuantMode.CONVERT and cfg is not None and cfg.rhs is not None:
+        if self.learned_scale and self.mode in (QuantMode.TRAIN, QuantMode.CONVERT):
+            kernel, cfg = self._learned_kernel(kernel, k_contract)
+        elif self.mode == QuantMode.CONVERT and cfg is not None and cfg.rhs is not None:
             # Quantize what TRAIN quantizes: the kernel cast to the compute dtype.
             kernel = quantize_operand(self._cast(kernel), cfg.rhs, k_contract)
             self.put_variable("params", "kernel", kernel)
         if static is not None and self.mode in (QuantMode.CONVERT, QuantMode.SERVE):
             x = self._static_lhs(x, x_contract, static)
         return product(x, self._cast(kernel), cfg)
+
 
     def _cast(self, kernel):
         if self.dtype is None:
@@ -343,3 +381,34 @@ class QEmbed(nn.Module):
             x = x.astype(self.dtype)
         cfg = None if self.mode == QuantMode.CALIBRATE else self.config
         return dot_general(x, e, (((x.ndim - 1,), (1,)), ((), ())), config=cfg)
+
+
+def init_learned_scales(model: nn.Module, params: Any, *example_args: Any) -> Any:
+    """``params`` plus the ``kernel_scale`` of every ``learned_scale`` layer that lacks one,
+    each the RTN scale of its kernel (so the LSQ model starts as plain QAT / RTN does).
+
+    Existing scales are kept (e.g. GPTQ's, set beforehand). ``example_args``: one input to trace
+    with (omit it for models with ``example_inputs()``, as the Transformer).
+
+    Example:
+      >>> params = init_learned_scales(Transformer(lsq_cfg), float_params)  # doctest: +SKIP
+    """
+    if not example_args:
+        if not hasattr(model, "example_inputs"):
+            raise ValueError(f"init_learned_scales needs an example input for "
+                             f"{type(model).__name__}: pass it after params.")
+        example_args = tuple(model.example_inputs())
+    return _init_scales_apply(model.clone(mode=QuantMode.TRAIN), params, tuple(example_args))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_scales_apply(model, params, args):
+    _, new = model.apply({"params": params}, *args, mutable=["params"],
+                         rngs={"params": jax.random.key(0)})
+    had = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
+    added = [k for p, _ in jax.tree_util.tree_leaves_with_path(new["params"])
+             if (k := jax.tree_util.keystr(p)) not in had and LEARNED_SCALE not in k]
+    if added:  # a param other than a scale was missing: it would be a random init
+        raise ValueError(f"init_learned_scales: params lack {added[:4]}; pass the model's full "
+                         "float params.")
+    return new["params"]

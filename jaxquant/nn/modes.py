@@ -35,6 +35,10 @@ from jaxquant.core.dot_config import DotGeneralConfig
 from jaxquant.core.spec import QuantSpec
 
 STATS_COLLECTION = "quant_stats"
+# The param of a layer with ``learned_scale`` (LSQ QAT) beside its float kernel: the weight
+# scale, in the layout of ``quantize_operand(kernel, ...).scale``. Training state only: CONVERT
+# folds it into the kernel's QArray and :func:`convert` drops it from the serving params.
+LEARNED_SCALE = "kernel_scale"
 
 
 class StaticActivation(str, enum.Enum):
@@ -242,8 +246,9 @@ def convert(model: nn.Module, params: Any, *example_args: Any, quant_stats: Any 
 
     Every layer whose config quantizes its kernel gets a :class:`~jaxquant.core.QArray` kernel
     (exactly ``quantize_operand(kernel, config.rhs, contracting_axes)``, so SERVE reproduces
-    the TRAIN-mode quantized forward); layers that asked for a static activation scale also get
-    ``lhs_scale`` (and ``lhs_zero_point``) from ``quant_stats``. Nothing else changes.
+    the TRAIN-mode quantized forward; a ``learned_scale`` layer quantizes with its learned
+    ``kernel_scale``, which is then dropped); layers that asked for a static activation scale
+    also get ``lhs_scale`` (and ``lhs_zero_point``) from ``quant_stats``. Nothing else changes.
 
     Args:
       model: the model (any mode; it is cloned into ``CONVERT``).
@@ -287,4 +292,11 @@ def _calibrate_step(model, params, stats, args):
 @functools.partial(jax.jit, static_argnums=0)
 def _convert_apply(model, variables, args):
     _, new = model.apply(variables, *args, mutable=["params"])
-    return new["params"]
+    return drop_learned_scales(new["params"])
+
+
+def drop_learned_scales(params: Any) -> Any:
+    """``params`` without the :data:`LEARNED_SCALE` entries (already inside the QArrays)."""
+    if not isinstance(params, dict):
+        return params
+    return {k: drop_learned_scales(v) for k, v in params.items() if k != LEARNED_SCALE}

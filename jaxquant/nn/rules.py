@@ -47,6 +47,12 @@ class QuantRule(JsonConfig):
         with one static per-tensor activation scale calibrated in ``CALIBRATE`` mode (needs
         ``config.lhs`` without groups). TRAIN mode keeps dynamic scales (there are no
         statistics yet); CONVERT stores the scale and SERVE uses it. Stored as the enum.
+      learned_scale: LSQ quantization-aware training (Esser et al. 2020): in TRAIN mode the
+        layer keeps its weight scale as a trained param ``kernel_scale`` (the layout of the
+        kernel QArray's ``scale``, initialised to the RTN scale of the kernel) and
+        fake-quantizes the kernel with :func:`~jaxquant.core.lsq_fake_quant`; CONVERT packs the
+        kernel on that learned grid. Needs ``config.rhs`` a symmetric ``int2`` .. ``int8`` spec
+        with float32 scales (see :func:`check_learned_scale`). SERVE is unchanged.
 
     Example:
       >>> rules = (QuantRule(r"lm_head", None), QuantRule(r"block_\\d+/", w8a8()))
@@ -57,6 +63,7 @@ class QuantRule(JsonConfig):
     pattern: str
     config: DotGeneralConfig | None
     static_activation: StaticActivation | None = dataclasses.field(default=None, kw_only=True)
+    learned_scale: bool = dataclasses.field(default=False, kw_only=True)
 
     def __post_init__(self):
         if not isinstance(self.pattern, str):
@@ -71,10 +78,19 @@ class QuantRule(JsonConfig):
             )
         static = static_activation_method(self.static_activation, self.config)
         object.__setattr__(self, "static_activation", static)
+        check_learned_scale(self.learned_scale, self.config, f"rule {self.pattern!r}")
 
     @classmethod
     def _decoders(cls):
         return {"config": DotGeneralConfig.from_dict}
+
+    def to_dict(self) -> dict:
+        """One key per field, except ``learned_scale`` when False (so rules without LSQ save
+        as before it existed, and older readers still read them)."""
+        d = super().to_dict()
+        if not self.learned_scale:
+            del d["learned_scale"]
+        return d
 
     def matches(self, path: str) -> bool:
         return re.search(self.pattern, path) is not None
@@ -96,6 +112,35 @@ def config_for(
     if m is None:
         return None, None
     return m[1].config, m[1].static_activation
+
+
+def learned_scale_for(rules: Sequence[QuantRule], path: str) -> bool:
+    """``learned_scale`` of the first rule matching ``path`` (False when none matches)."""
+    m = match_rule(rules, path)
+    return m is not None and m[1].learned_scale
+
+
+def check_learned_scale(learned_scale: bool, config: DotGeneralConfig | None, where: str) -> None:
+    """Raises unless ``learned_scale`` is False, or ``config.rhs`` is a grid LSQ can learn:
+    symmetric ``int2`` .. ``int8``, nearest rounding, float32 scales not rounded to float16
+    (so the trained grid is exactly the one CONVERT stores). ``where`` names the rule or layer.
+    """
+    if not isinstance(learned_scale, bool):
+        raise ValueError(f"{where}: learned_scale must be True or False, got {learned_scale!r}.")
+    if not learned_scale:
+        return
+    spec = config.rhs if config is not None else None
+    if spec is None:
+        raise ValueError(f"{where}: learned_scale=True needs a config that quantizes the "
+                         "weights (config.rhs); drop learned_scale for a float layer.")
+    if not (spec.qt.has_full_range and spec.symmetric):
+        raise ValueError(f"{where}: learned_scale (LSQ) needs a symmetric int2..int8 weight "
+                         f"format, got {spec.qtype} (symmetric={spec.symmetric}); use e.g. "
+                         "int4, or drop learned_scale.")
+    if spec.rounding != "nearest" or spec.fp16_scales or spec.scale_dtype != "float32":
+        raise ValueError(f"{where}: learned_scale (LSQ) needs nearest rounding and float32 "
+                         f"scales, got rounding={spec.rounding!r}, "
+                         f"fp16_scales={spec.fp16_scales}, scale_dtype={spec.scale_dtype!r}.")
 
 
 def module_path(module: nn.Module, child: str | None = None) -> str:

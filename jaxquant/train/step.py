@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxquant.nn.modes import LEARNED_SCALE
+
 
 class TrainState(NamedTuple):
     """Everything a step updates: the step count, the float params and the optimizer state."""
@@ -57,8 +59,11 @@ def make_schedule(
 
 
 def _decay_mask(params):
-    """Weight decay on matrices (kernels, embeddings) only, not on norm scales."""
-    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+    """Weight decay on matrices (kernels, embeddings) only, not on norm scales nor on the
+    learned weight scales of LSQ QAT (``kernel_scale``, a matrix of step sizes)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: jnp.ndim(p) >= 2 and LEARNED_SCALE not in jax.tree_util.keystr(path),
+        params)
 
 
 def make_optimizer(
