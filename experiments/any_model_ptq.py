@@ -16,8 +16,10 @@ the outputs against the float model on held-out inputs drawn from the calibratio
 distribution (images / chains with other seeds), for RTN (``to_serving``) and GPTQ
 (``calibrate_and_convert``, one float pass over the calibration batches), at int4 also
 sequential GPTQ over the repeated blocks (``blocks=``: each block calibrated on inputs computed
-with the blocks before it quantized), the serving bytes against float32, and the user lines of
-code of the PTQ (the exact lines run below). Embedding tables stay float (GPTQ has no matrix
+with the blocks before it quantized) and AWQ / AWQ+GPTQ (``method="awq"`` / ``"awq+gptq"``: a
+per-input-channel scale searched per layer, kept by the served layer as its ``input_scale``),
+the serving bytes against float32, and the user lines of code of the PTQ (the exact lines run
+below). Embedding tables stay float (GPTQ has no matrix
 product to calibrate for a lookup).
 
     python experiments/any_model_ptq.py            # ~3 minutes of CPU
@@ -205,6 +207,8 @@ def rel_err(y, ref) -> float:
 # --- the runs ----------------------------------------------------------------------------------
 
 
+# The scaled methods run at each width (int4 only: at int8 every method is close to float).
+AWQ_METHODS = {4: ("awq", "awq+gptq"), 8: ()}
 # The regex naming each model's repeated blocks (sequential GPTQ); the CNN has none.
 BLOCKS = {"linen_cnn": None, "linen_vit": r"block_\d+", "nnx_lm": r"blocks/\d+"}
 
@@ -229,10 +233,14 @@ def _linen_rows(name, model, make_x, n_batches: int, batch: int, seed: int) -> d
         if BLOCKS[name] and bits == 4:
             seq_serving = calibrate_and_convert(qmodel, variables, batches, blocks=BLOCKS[name])
             seq = rel_err(jax.jit(qmodel.apply)(seq_serving, x_test), ref)
+        awq = {m: rel_err(jax.jit(qmodel.apply)(calibrate_and_convert(
+            qmodel, variables, batches, method=m), x_test), ref) for m in AWQ_METHODS[bits]}
         rows[f"int{bits}"] = {
             "rtn_rel_err": rel_err(jax.jit(qmodel.apply)(rtn, x_test), ref),
             "gptq_rel_err": rel_err(y, ref),
             "gptq_sequential_rel_err": seq,
+            "awq_rel_err": awq.get("awq"),
+            "awq_gptq_rel_err": awq.get("awq+gptq"),
             "serving_bytes": tree_bytes(serving),
             "f32_bytes": f32,
             "vs_f32": tree_bytes(serving) / f32,
@@ -261,10 +269,14 @@ def _nnx_rows(name, n_batches: int, batch: int, seed: int, length: int = 32) -> 
         seq = None
         if bits == 4:
             seq = rel_err(calibrate_and_convert(qmodel, batches, blocks=BLOCKS[name])(x_test), ref)
+        awq = {m: rel_err(calibrate_and_convert(qmodel, batches, method=m)(x_test), ref)
+               for m in AWQ_METHODS[bits]}
         rows[f"int{bits}"] = {
             "rtn_rel_err": rel_err(rtn(x_test), ref),
             "gptq_rel_err": rel_err(y, ref),
             "gptq_sequential_rel_err": seq,
+            "awq_rel_err": awq.get("awq"),
+            "awq_gptq_rel_err": awq.get("awq+gptq"),
             "serving_bytes": tree_bytes(nnx_tree(served)),
             "f32_bytes": f32,
             "vs_f32": tree_bytes(nnx_tree(served)) / f32,
