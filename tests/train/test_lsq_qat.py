@@ -3,8 +3,6 @@ and the scale learn, train -> convert -> serve is exact, and bad formats are ref
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +12,15 @@ import jaxquant as jq
 from jaxquant.core.dot_config import DotGeneralConfig
 from jaxquant.core.dot_general import operand_spec, quantize_operand
 from jaxquant.eval import finetune as ft
-from jaxquant.nn import QDense, QuantMode, QuantRule, Transformer, TransformerConfig, convert
+from jaxquant.nn import (
+    QDense,
+    QEinsum,
+    QuantMode,
+    QuantRule,
+    Transformer,
+    TransformerConfig,
+    convert,
+)
 from jaxquant.nn.linear import init_learned_scales
 from jaxquant.nn.modes import LEARNED_SCALE
 from jaxquant.ptq import parse_recipe
@@ -73,13 +79,9 @@ def test_step0_equals_plain_qat(setup):
     layers = _layers(params)
     assert len(layers) == 7  # q, k, v, o, gate, up, down of the one block
     for path, d in layers.items():
-        rtn = quantize_operand(d["kernel"], dataclasses.replace(
-            _rule_config(lsq_cfg, path).rhs), (0,), pack=False)
+        rtn = quantize_operand(d["kernel"], _rule_config(lsq_cfg, path).rhs, (0,), pack=False)
         np.testing.assert_array_equal(np.asarray(d[LEARNED_SCALE]), np.asarray(rtn.scale))
-    plain_params = jax.tree_util.tree_map_with_path(lambda p, x: x, params)
-    for d in _layers(plain_params).values():
-        del d[LEARNED_SCALE]
-    want = fwd(Transformer(plain_cfg), plain_params, TOKENS)
+    want = fwd(Transformer(plain_cfg), _strip(params), TOKENS)
     got = fwd(Transformer(lsq_cfg), params, TOKENS)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
@@ -144,8 +146,7 @@ def test_train_convert_serve_is_exact(setup, trained):
     # The same dequantized weights in the same lax.dot_general (48 rows): no rounding differs.
     np.testing.assert_array_equal(np.asarray(serve_logits), np.asarray(train_logits))
     # And the learned grid is not RTN's grid of the trained kernels any more.
-    rtn = fwd(Transformer(ft.parse_method(METHOD).train_config(TINY)),
-              {k: v for k, v in _strip(trained).items()}, TOKENS)
+    rtn = fwd(Transformer(ft.parse_method(METHOD).train_config(TINY)), _strip(trained), TOKENS)
     assert not np.array_equal(np.asarray(rtn), np.asarray(train_logits))
 
 
@@ -201,3 +202,29 @@ def test_bad_method_strings():
     assert m == ft.QATMethod(qtype="int4", group_size=128, lsq=True)
     assert ft.parse_method(m.name) == m and m.name == "qat:int4:g128:lsq"
     assert ft.parse_method("qat:int2:lsq").name == "qat:int2:lsq"
+
+
+def test_two_contracting_axes():
+    """A kernel contracting two axes (groups on the inner one; QDenseGeneral shares the code):
+    the scale has the QArray's layout, step 0 is plain QAT, and a moved scale still serves
+    exactly what TRAIN computes."""
+
+    def make(**kw):
+        return QEinsum(shape=(4, 16, 32), einsum_str="bshk,hkd->bsd", **kw)
+
+    cfg = DotGeneralConfig(rhs=jq.QuantSpec(qtype="int3", group_size=8, full_range=True))
+    x = jax.random.normal(jax.random.key(5), (2, 12, 4, 16))  # 24 rows: the untiled product
+    plain, lsq = make(config=cfg), make(config=cfg, learned_scale=True)
+    p = jax.jit(lsq.init)(jax.random.key(0), x)["params"]
+    rtn = quantize_operand(p["kernel"], cfg.rhs, lsq.kernel_contracting_axes(), pack=False)
+    np.testing.assert_array_equal(np.asarray(p[LEARNED_SCALE]), np.asarray(rtn.scale))
+    train = jax.jit(lsq.apply)
+    np.testing.assert_array_equal(
+        np.asarray(train({"params": p}, x)),
+        np.asarray(jax.jit(plain.apply)({"params": {"kernel": p["kernel"]}}, x)))
+    moved = {**p, LEARNED_SCALE: p[LEARNED_SCALE] * 0.8}
+    serve = convert(lsq, moved, x)
+    assert set(serve) == {"kernel"}
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(lsq.clone(mode=QuantMode.SERVE).apply)({"params": serve}, x)),
+        np.asarray(train({"params": moved}, x)))
