@@ -10,10 +10,10 @@ field in :data:`METHODS`:
                     layer as PTQ does) in the forward, with a straight-through gradient;
                     initialised from the float model (``init="rtn"``) or from GPTQ's
                     dequantized weights (``init="gptq"``). Any qtype of ``jaxquant.core``.
-``qat:QTYPE[:gN]:lsq``  the same with LSQ-learned weight scales (Esser et al. 2020): each
-                    projection's scales (per output column and group) are trained params,
-                    initialised to RTN's scales (or, with ``init="gptq"``, to GPTQ's scales
-                    and codes); symmetric int2..int8 only.
+                    With a last option ``:lsq`` (``qat:int4:g128:lsq``) the weight scales are
+                    learned too (LSQ, Esser et al. 2020): each projection's scales (per output
+                    column and group) are trained params, initialised to RTN's scales (with
+                    ``init="gptq"``: GPTQ's scales and codes); symmetric int2..int8 only.
 ``qat:w8a8``        int8 weights and activations, with both backward products in int8 too
                     (:func:`jaxquant.core.fully_quantized`, AQT style).
 ``lora[:rN]``       float LoRA adapters of rank ``N`` on a frozen float base.

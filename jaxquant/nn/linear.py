@@ -146,6 +146,10 @@ class QuantizedLinear(nn.Module):
             return q.scale.astype(jnp.float32)
 
         scale = self.param(LEARNED_SCALE, rtn_scale)
+        # A step trained to (near) 0 would divide by 0: held at float32's smallest normal, as
+        # compute_scale holds RTN's (the same value in TRAIN and CONVERT).
+        tiny = float(jnp.finfo(jnp.float32).tiny)
+        scale = jnp.where(jnp.abs(scale) < tiny, jnp.where(scale < 0, -tiny, tiny), scale)
         if self.mode == QuantMode.CONVERT:
             q = quantize(w, spec, scale=scale.astype(spec.scale_dtype))
             self.put_variable("params", "kernel", q)

@@ -228,3 +228,20 @@ def test_two_contracting_axes():
     np.testing.assert_array_equal(
         np.asarray(jax.jit(lsq.clone(mode=QuantMode.SERVE).apply)({"params": serve}, x)),
         np.asarray(train({"params": moved}, x)))
+
+
+def test_a_scale_trained_to_zero_stays_finite():
+    cfg = DotGeneralConfig(rhs=jq.QuantSpec(qtype="int4", group_size=16, full_range=True))
+    layer = QDense(8, config=cfg, learned_scale=True)
+    x = jax.random.normal(jax.random.key(6), (24, 32))
+    p = jax.jit(layer.init)(jax.random.key(0), x)["params"]
+    p = {**p, LEARNED_SCALE: p[LEARNED_SCALE].at[0, :4].set(0.0)}
+    train = jax.jit(layer.apply)
+    y = train({"params": p}, x)
+    g = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, x) ** 2)))(p)
+    assert np.all(np.isfinite(np.asarray(y)))
+    assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(g))
+    serve = convert(layer, p, x)
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(layer.clone(mode=QuantMode.SERVE).apply)({"params": serve}, x)),
+        np.asarray(y))
