@@ -40,7 +40,9 @@ from jaxquant.core import weight_only as weight_only
 # Public names that need Flax, resolved on first use (`jq.QuantRule`), so that `import jaxquant`
 # stays pure JAX: name -> module that defines it.
 _LAZY = {
+    "AWQConfig": "jaxquant.ptq.any_model_scales",
     "QuantRule": "jaxquant.nn.rules",
+    "SmoothQuantConfig": "jaxquant.ptq.any_model_scales",
     "calibrate_and_convert": "jaxquant.ptq.any_model",
     "quantize_model": "jaxquant.nn.any_model",
     "to_serving": "jaxquant.nn.any_model",

@@ -29,6 +29,7 @@ from jaxquant.nn.linear import QDense as QDense
 from jaxquant.nn.linear import QDenseGeneral as QDenseGeneral
 from jaxquant.nn.linear import QEinsum as QEinsum
 from jaxquant.nn.linear import QEmbed as QEmbed
+from jaxquant.nn.linear import init_learned_scales as init_learned_scales
 from jaxquant.nn.mesh import make_mesh as make_mesh
 from jaxquant.nn.mesh import param_shardings as param_shardings
 from jaxquant.nn.mesh import shard_params as shard_params

@@ -15,6 +15,8 @@ from jaxquant.ptq.algorithm import Stat as Stat
 from jaxquant.ptq.algorithm import compose as compose
 from jaxquant.ptq.algorithm import effective_group as effective_group
 from jaxquant.ptq.any_model import calibrate_and_convert as calibrate_and_convert
+from jaxquant.ptq.any_model_scales import AWQConfig as AWQConfig
+from jaxquant.ptq.any_model_scales import SmoothQuantConfig as SmoothQuantConfig
 from jaxquant.ptq.awq import AWQ as AWQ
 from jaxquant.ptq.awq import clip_quantize as clip_quantize
 from jaxquant.ptq.awq import search_scale as search_scale
