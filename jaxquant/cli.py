@@ -387,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(with :lsq also GPTQ's scales)")
     ft.add_argument("--requant", help="lora/qlora: PTQ of the merged model for serving: rtn "
                                       "(rtn:nf4:g64, the qlora default) | gptq (gptq:int4:g64) "
-                                      "| a recipe such as gptq:int4:g128 (lora default: float)")
+                                      "| a recipe such as gptq:int4:g128 | none (serve the merged "
+                                      "model float; lora's default)")
     ft.add_argument("--max-tokens", type=int, help="score only this many test tokens")
     ft.add_argument("--eval-seq-len", type=int, default=2048)
     ft.add_argument("--heldout", default="none",

@@ -73,6 +73,9 @@ __all__ = ["METHODS", "FinetuneConfig", "FinetuneMethod", "FloatMethod", "LoRAMe
 
 TRAIN_DIR = "train"
 ADAPTERS_DIR = "adapters"
+# --requant values that serve the merged (Q)LoRA model float: for QLoRA, exactly the function
+# it trained (the NF4 base dequantized, plus the adapters), the QLoRA paper's evaluated model.
+NO_REQUANT = ("none", "float")
 INITS = ("rtn", "gptq")
 
 
@@ -354,7 +357,7 @@ class LoRAMethod(FinetuneMethod):
     def requant_recipe(self, config: FinetuneConfig) -> Recipe | None:
         """The PTQ recipe of the merged model (None: serve it float)."""
         text = config.requant or self.default_requant
-        if text is None:
+        if text is None or text in NO_REQUANT:
             return None
         if text in ("rtn", "gptq"):  # the frozen base's blocks
             if self.base_qtype is None:

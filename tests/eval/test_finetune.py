@@ -184,6 +184,11 @@ def test_method_strings_round_trip():
     assert ft.parse_method("qlora") == ft.QLoRAMethod(rank=16) != ft.LoRAMethod(rank=16)
     qlora = ft.FinetuneConfig(method=ft.parse_method("qlora"), steps=2, requant="gptq")
     assert qlora.method.requant_recipe(qlora).name == "gptq:int4:g64"
+    # --requant none serves QLoRA's merged model float: the function it trained.
+    for text in ft.NO_REQUANT:
+        asis = ft.FinetuneConfig(method=ft.parse_method("qlora"), steps=2, requant=text)
+        asis.method.check(asis)
+        assert asis.method.requant_recipe(asis) is None
     with pytest.raises(ValueError, match="lacks a qtype"):
         ft.parse_method("qat")
     with pytest.raises(ValueError, match="one group size"):
