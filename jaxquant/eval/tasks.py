@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -31,7 +32,10 @@ from jaxquant.ptq.registry import ALGORITHMS
 
 
 def environment() -> dict[str, Any]:
-    """Device, versions and date, recorded with every result."""
+    """Device, versions, date, load average and the jaxquant commit (when run from a git
+    checkout), recorded with every result."""
+    from jaxquant.eval.bench_dot import git_commit
+
     dev = jax.devices()[0]
     return {
         "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
@@ -39,6 +43,8 @@ def environment() -> dict[str, Any]:
         "jax": jax.__version__,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_avg_1m": os.getloadavg()[0],
+        **git_commit(),
     }
 
 
