@@ -178,7 +178,9 @@ def _mean_heldout(row: dict) -> float:
 
 def report(path: Path) -> str:
     data = json.loads(path.read_text())
-    b, rows = data["budget"], {r["label"]: r for r in data["rows"]}
+    order = {row.label: i for i, row in enumerate(ROWS)}
+    ranked = sorted(data["rows"], key=lambda r: order.get(r["label"], len(order)))
+    b, rows = data["budget"], {r["label"]: r for r in ranked}
     lines = [f"Budget: {b['steps']} steps x {b['batch_size']} x {b['seq_len']} PTB-train tokens "
              f"({b['steps'] * b['batch_size'] * b['seq_len']:,} tokens), seed {b['seed']}; "
              f"lr {b['lr_full']:g} (float, QAT) and {b['lr_adapter']:g} (LoRA, QLoRA); "
@@ -228,15 +230,18 @@ def plot(path: Path, png: Path) -> None:
     rows = json.loads(path.read_text())["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     marks = {"ptq": "o", "qat": "s", "qlora": "^", "lora": "v", "float": "*"}
+    colors = {"ptq": "tab:blue", "qat": "tab:green", "qlora": "tab:red"}
     for ax, corpus in zip(axes, ("ptb", "heldout"), strict=True):
         for r in rows:
             y = r["perplexity"]["ptb"] if corpus == "ptb" else _mean_heldout(r)
             bits = r.get("bits_per_weight") or 32.0
             if r["family"] == "float" or r["family"] == "lora":
                 ax.axhline(y, ls="--", lw=0.8, color="gray")
-                ax.annotate(r["label"], (2.0, y), fontsize=7, color="gray")
+                ax.text(0.01, y, r["label"], fontsize=7, color="gray", va="bottom",
+                        transform=ax.get_yaxis_transform())
                 continue
-            ax.scatter(bits, y, marker=marks[r["family"]], label=r["family"])
+            ax.scatter(bits, y, marker=marks[r["family"]], color=colors[r["family"]],
+                       label=r["family"])
             ax.annotate(r["label"], (bits, y), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
         ax.set_xlabel("bits per weight")
