@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import os
 import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -34,8 +36,6 @@ from jaxquant.ptq.registry import ALGORITHMS
 def environment() -> dict[str, Any]:
     """Device, versions, date, load average and the jaxquant commit (when run from a git
     checkout), recorded with every result."""
-    from jaxquant.eval.bench_dot import git_commit
-
     dev = jax.devices()[0]
     return {
         "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
@@ -44,8 +44,34 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "load_avg_1m": os.getloadavg()[0],
-        **git_commit(),
+        "commit": head_commit(),
     }
+
+
+@functools.cache
+def head_commit() -> str | None:
+    """The sha of the git checkout jaxquant runs from, read from ``.git`` (no subprocess);
+    None for an installed package or an unreadable repository."""
+    git = Path(__file__).resolve().parents[2] / ".git"
+    try:
+        if git.is_file():  # a worktree: "gitdir: PATH"
+            git = Path(git.read_text().split(":", 1)[1].strip())
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref:"):
+            return head
+        ref = head.split(":", 1)[1].strip()
+        common = git / "commondir"
+        root = (git / common.read_text().strip()).resolve() if common.is_file() else git
+        for base in (git, root):
+            if (base / ref).is_file():
+                return (base / ref).read_text().strip()
+        packed = root / "packed-refs"
+        for line in packed.read_text().splitlines() if packed.is_file() else ():
+            if line.endswith(" " + ref):
+                return line.split()[0]
+    except (OSError, IndexError):
+        pass
+    return None
 
 
 def tokens_for(model: LoadedModel, dataset: str, split: str) -> np.ndarray:

@@ -26,3 +26,20 @@ def test_recovery_is_against_the_rtn_row_of_the_same_format():
     table = tasks.markdown_table(rows)
     assert "| 75.0% |" in table and "| -10.0% |" in table
     assert len(table.splitlines()) == 2 + len(rows)
+
+
+def test_environment_records_the_checkout_commit_without_a_subprocess(monkeypatch):
+    import subprocess
+    from pathlib import Path
+
+    root = Path(tasks.__file__).resolve().parents[2]
+    want = None
+    if (root / ".git").exists():
+        want = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    tasks.environment()  # platform.processor() runs `uname` once per process; cached after
+    tasks.head_commit.cache_clear()
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("no subprocess"))
+    env = tasks.environment()
+    assert env["commit"] == want
+    assert env["load_avg_1m"] >= 0
