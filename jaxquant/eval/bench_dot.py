@@ -28,11 +28,9 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +40,7 @@ from tqdm.auto import tqdm
 
 import jaxquant as jq
 from jaxquant.core.dot_config import w4a8
+from jaxquant.eval.provenance import head_commit, worktree_dirty
 
 DN = (((1,), (0,)), ((), ()))
 FULL_SHAPES = ((2048, 2048, 2048), (4096, 4096, 4096), (8, 4096, 4096))
@@ -249,15 +248,7 @@ def environment() -> dict:
 def git_commit() -> dict:
     """``{"commit": HEAD's sha or None, "dirty": whether tracked files differ from it}`` of
     the checkout jaxquant runs from (None outside a git checkout)."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "-uno"],
-                               capture_output=True, text=True, timeout=10).stdout.strip() != ""
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": sha, "dirty": dirty}
+    return {"commit": head_commit(), "dirty": worktree_dirty()}
 
 
 def _jaxlib_version():
