@@ -55,9 +55,8 @@ def tokens_for(model: LoadedModel, dataset: str, split: str) -> np.ndarray:
     return data.tokenize_cached(label, text, model.tokenizer)
 
 
-def calibration_set(
-    model: LoadedModel, calib_data: str, windows: int, length: int, seed: int
-) -> tuple[np.ndarray, dict[str, Any]]:
+def calibration_set(model: LoadedModel, calib_data: str, windows: int, length: int,
+                    seed: int) -> tuple[np.ndarray, dict[str, Any]]:
     """Calibration windows from ``calib_data``: ``ptb``, a text file or a mix ``ptb+kjv``.
 
     A mix of ``k`` sources gives each ``windows // k`` windows (the first ones one more for the
@@ -77,7 +76,8 @@ def calibration_set(
         stream = tokens_for(model, name, "train" if split == "file" else split)
         parts.append(data.calibration_windows(stream, n, length, seed + i))
         used.append({"data": name, "split": split, "windows": n, "seed": seed + i})
-    info = {"data": calib_data, "sources": used, "windows": windows, "length": length, "seed": seed}
+    info = {"data": calib_data, "sources": used, "windows": windows, "length": length,
+            "seed": seed}
     return np.concatenate(parts), info
 
 
@@ -126,17 +126,15 @@ def quantize(
     if recipe.algorithm(options).calibrated:
         calib_len = min(calib_len, model.cfg.max_seq_len)
         calib_data = calib_data or data.default_calibration(dataset)
-        calib, info["calibration"] = calibration_set(
-            model, calib_data, calib_windows, calib_len, seed
-        )
+        calib, info["calibration"] = calibration_set(model, calib_data,
+                                                     calib_windows, calib_len, seed)
     if calib is not None:
         info["options"] = dataclasses.asdict(options)
     params = model.params
     if place is not None:
         params, calib = place(params, calib)
-    cfg, params, qinfo = quantize_model(
-        model.cfg, params, recipe, calib, options=options, progress=progress
-    )
+    cfg, params, qinfo = quantize_model(model.cfg, params, recipe, calib, options=options,
+                                        progress=progress)
     info["quantize_seconds"] = qinfo["seconds"]
     return cfg, params, info
 
@@ -156,16 +154,9 @@ def evaluate_params(
     mode = QuantMode.SERVE if cfg.quant_rules else QuantMode.TRAIN
     model = Transformer(cfg, mode=mode)
     seq_len = min(seq_len, cfg.max_seq_len)
-    res = perplexity(
-        lambda p, t: model.apply({"params": p}, t),
-        params,
-        tokens,
-        seq_len=seq_len,
-        stride=stride,
-        max_tokens=max_tokens,
-        batch_size=batch_size,
-        progress=progress,
-    )
+    res = perplexity(lambda p, t: model.apply({"params": p}, t), params, tokens, seq_len=seq_len,
+                     stride=stride, max_tokens=max_tokens, batch_size=batch_size,
+                     progress=progress)
     return res.to_dict()
 
 
@@ -192,49 +183,21 @@ def evaluate(
     the same settings; their perplexities go to ``result["heldout"]``.
     """
     recipe = recipe or Recipe(method="fp32")
-    cfg, params, info = quantize(
-        model,
-        recipe,
-        dataset=dataset,
-        calib_data=calib_data,
-        calib_windows=calib_windows,
-        calib_len=calib_len,
-        seed=seed,
-        progress=progress,
-    )
+    cfg, params, info = quantize(model, recipe, dataset=dataset, calib_data=calib_data,
+                                 calib_windows=calib_windows, calib_len=calib_len, seed=seed,
+                                 progress=progress)
     tokens = tokens_for(model, dataset, split)
-    ppl = evaluate_params(
-        cfg,
-        params,
-        tokens,
-        seq_len=seq_len,
-        stride=stride,
-        max_tokens=max_tokens,
-        batch_size=batch_size,
-        progress=progress,
-    )
+    ppl = evaluate_params(cfg, params, tokens, seq_len=seq_len, stride=stride,
+                          max_tokens=max_tokens, batch_size=batch_size, progress=progress)
     result = {
-        "model": model.name,
-        "dataset": dataset,
-        "split": split,
-        **info,
-        **ppl,
-        **weight_stats(params),
-        "environment": environment(),
+        "model": model.name, "dataset": dataset, "split": split, **info, **ppl,
+        **weight_stats(params), "environment": environment(),
     }
     result["heldout"] = {
-        name: evaluate_params(
-            cfg,
-            params,
-            tokens_for(model, name, "test"),
-            seq_len=seq_len,
-            stride=stride,
-            max_tokens=max_tokens,
-            batch_size=batch_size,
-            progress=progress,
-        )["perplexity"]
-        for name in heldout
-        if name != dataset
+        name: evaluate_params(cfg, params, tokens_for(model, name, "test"), seq_len=seq_len,
+                              stride=stride, max_tokens=max_tokens, batch_size=batch_size,
+                              progress=progress)["perplexity"]
+        for name in heldout if name != dataset
     }
     return result
 
@@ -247,15 +210,8 @@ HELDOUT = ("shakespeare", "kjv")
 # study (50% of RTN's int4 loss removed on the held-out texts, against 36% for GPTQ and 31% for
 # AWQ alone; experiments/RESULTS.md): the demo recommends from the held-out columns it measures.
 DEMO_RECIPES = (
-    "fp32",
-    "rtn:int8",
-    "rtn:int4:g128",
-    "gptq:int4:g128",
-    "awq:int4:g128",
-    "awq+gptq:int4:g128",
-    "rtn:int3:g128",
-    "gptq:int3:g128",
-    "smoothquant",
+    "fp32", "rtn:int8", "rtn:int4:g128", "gptq:int4:g128", "awq:int4:g128",
+    "awq+gptq:int4:g128", "rtn:int3:g128", "gptq:int3:g128", "smoothquant",
 )
 
 
@@ -301,58 +257,27 @@ def demo_rows(
 
     def result():
         add_recovery(rows)
-        return {
-            "model": model.name,
-            "dataset": dataset,
-            "heldout": list(heldout),
-            "calib_data": calib_data or data.default_calibration(dataset),
-            "budget": dataclasses.asdict(budget),
-            "seed": seed,
-            "rows": rows,
-            "recommended": recommend(rows),
-            "environment": environment(),
-        }
-
+        return {"model": model.name, "dataset": dataset, "heldout": list(heldout),
+                "calib_data": calib_data or data.default_calibration(dataset),
+                "budget": dataclasses.asdict(budget),
+                "seed": seed, "rows": rows, "recommended": recommend(rows),
+                "environment": environment()}
     for text in recipes:
         recipe = parse_recipe(text)
         t0 = time.perf_counter()
-        cfg, params, info = quantize(
-            model,
-            recipe,
-            dataset=dataset,
-            calib_data=calib_data,
-            calib_windows=budget.calib_windows,
-            calib_len=budget.calib_len,
-            seed=seed,
-            progress=progress,
-        )
-        ppl = evaluate_params(
-            cfg,
-            params,
-            test,
-            seq_len=budget.seq_len,
-            max_tokens=budget.eval_tokens,
-            progress=progress,
-        )
+        cfg, params, info = quantize(model, recipe, dataset=dataset, calib_data=calib_data,
+                                     calib_windows=budget.calib_windows,
+                                     calib_len=budget.calib_len, seed=seed, progress=progress)
+        ppl = evaluate_params(cfg, params, test, seq_len=budget.seq_len,
+                              max_tokens=budget.eval_tokens, progress=progress)
         if base is None and recipe.method == "fp32":
             base = ppl["perplexity"]
-        row = {
-            "recipe": recipe.name,
-            **weight_stats(params),
-            "perplexity": ppl["perplexity"],
-            "tokens_scored": ppl["tokens_scored"],
-            "quantize_seconds": info["quantize_seconds"],
-            "eval_seconds": ppl["seconds"],
-        }
+        row = {"recipe": recipe.name, **weight_stats(params), "perplexity": ppl["perplexity"],
+               "tokens_scored": ppl["tokens_scored"], "quantize_seconds": info["quantize_seconds"],
+               "eval_seconds": ppl["seconds"]}
         row["heldout"] = {
-            name: evaluate_params(
-                cfg,
-                params,
-                toks,
-                seq_len=budget.seq_len,
-                max_tokens=budget.eval_tokens,
-                progress=progress,
-            )["perplexity"]
+            name: evaluate_params(cfg, params, toks, seq_len=budget.seq_len,
+                                  max_tokens=budget.eval_tokens, progress=progress)["perplexity"]
             for name, toks in held_tokens.items()
         }
         row["total_seconds"] = time.perf_counter() - t0
@@ -392,12 +317,8 @@ def recommend(rows: list[dict[str, Any]], max_bits: float = 5.0) -> dict[str, An
     if not pool:
         return None
     best = min(pool, key=lambda r: (score[id(r)], r.get("model_bytes", 0)))
-    return {
-        "recipe": best["recipe"],
-        "bits_per_weight": best["bits_per_weight"],
-        "score": float(np.exp(score[id(best)])),
-        "by": by,
-    }
+    return {"recipe": best["recipe"], "bits_per_weight": best["bits_per_weight"],
+            "score": float(np.exp(score[id(best)])), "by": by}
 
 
 def _calibrated_weight_method(method: str) -> bool:
@@ -415,7 +336,8 @@ def add_recovery(rows: list[dict[str, Any]]) -> None:
 
     def recovered(get):
         fp32 = next((get(r) for r in rows if r["recipe"] == "fp32"), None)
-        rtn = {r["recipe"].split(":", 1)[1]: get(r) for r in rows if r["recipe"].startswith("rtn:")}
+        rtn = {r["recipe"].split(":", 1)[1]: get(r) for r in rows
+               if r["recipe"].startswith("rtn:")}
         out = {}
         for i, r in enumerate(rows):
             method, _, rest = r["recipe"].partition(":")
@@ -441,90 +363,55 @@ def add_recovery(rows: list[dict[str, Any]]) -> None:
 def markdown_table(rows) -> str:
     """A human table of demo rows: in-domain columns, then one per held-out data set."""
     names = sorted({n for r in rows for n in r.get("heldout", {})})
-    head = (
-        "| recipe | bits/weight | size (MB) | perplexity | delta | RTN loss removed "
-        + "".join(f"| {n} " for n in names)
-        + ("| held-out RTN loss removed " if names else "")
-        + "| PTQ time (s) |"
-    )
+    head = ("| recipe | bits/weight | size (MB) | perplexity | delta | RTN loss removed "
+            + "".join(f"| {n} " for n in names)
+            + ("| held-out RTN loss removed " if names else "") + "| PTQ time (s) |")
     lines = [head, "|---" * (7 + len(names) + bool(names)) + "|"]
     for r in rows:
         delta = f"{r['delta']:+.3f} ({r['delta_pct']:+.2f}%)" if "delta" in r else "-"
         rec = f"{100 * r['recovered']:.1f}%" if "recovered" in r else "-"
-        held = "".join(
-            f"| {r['heldout'][n]:.3f} " if n in r.get("heldout", {}) else "| - " for n in names
-        )
+        held = "".join(f"| {r['heldout'][n]:.3f} " if n in r.get("heldout", {}) else "| - "
+                       for n in names)
         if names:
             mean = r.get("recovered_heldout_mean")
             held += f"| {100 * mean:.1f}% " if mean is not None else "| - "
-        lines.append(
-            f"| {r['recipe']} | {r['bits_per_weight']:.2f} | "
-            f"{r['model_bytes'] / 1e6:.1f} | {r['perplexity']:.3f} | {delta} | {rec} "
-            f"{held}| {r['quantize_seconds']:.1f} |"
-        )
+        lines.append(f"| {r['recipe']} | {r['bits_per_weight']:.2f} | "
+                     f"{r['model_bytes'] / 1e6:.1f} | {r['perplexity']:.3f} | {delta} | {rec} "
+                     f"{held}| {r['quantize_seconds']:.1f} |")
     return "\n".join(lines)
 
 
-_SHAPE_FIELDS = (
-    "vocab_size",
-    "d_model",
-    "n_layers",
-    "n_heads",
-    "n_kv_heads",
-    "head_dim",
-    "ffn_dim",
-    "tie_embeddings",
-    "rope_layout",
-)
+_SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                 "ffn_dim", "tie_embeddings", "rope_layout")
 
 
-def check_model_matches(
-    model: LoadedModel, cfg: TransformerConfig, params, directory, recorded: str | None = None
-) -> None:
+def check_model_matches(model: LoadedModel, cfg: TransformerConfig, params, directory,
+                        recorded: str | None = None) -> None:
     """Raises a :class:`~jaxquant.errors.JaxquantError` unless ``model`` (its config and
     tokenizer) fits the checkpoint's config ``cfg`` and ``params``."""
     made_from = f" (made from --model {recorded})" if recorded else ""
-    fix = (
-        f"Drop --model (the checkpoint records its model) or pass --model {recorded}."
-        if recorded
-        else "Pass the --model the checkpoint was made from."
-    )
-    diff = [
-        f"{f} {getattr(cfg, f)} vs {getattr(model.cfg, f)}"
-        for f in _SHAPE_FIELDS
-        if getattr(cfg, f, None) != getattr(model.cfg, f, None)
-    ]
+    fix = (f"Drop --model (the checkpoint records its model) or pass --model {recorded}."
+           if recorded else "Pass the --model the checkpoint was made from.")
+    diff = [f"{f} {getattr(cfg, f)} vs {getattr(model.cfg, f)}" for f in _SHAPE_FIELDS
+            if getattr(cfg, f, None) != getattr(model.cfg, f, None)]
     if diff:
-        raise JaxquantError(
-            f"checkpoint {directory}{made_from} does not match --model "
-            f"{model.name}: {', '.join(diff)}. {fix}"
-        )
+        raise JaxquantError(f"checkpoint {directory}{made_from} does not match --model "
+                            f"{model.name}: {', '.join(diff)}. {fix}")
     vocab = getattr(model.tokenizer, "vocab_size", None)
     if vocab is not None and vocab > cfg.vocab_size:
-        raise JaxquantError(
-            f"checkpoint {directory}{made_from}: the tokenizer of --model "
-            f"{model.name} has {vocab} tokens, the checkpoint's embedding "
-            f"{cfg.vocab_size}. {fix}"
-        )
+        raise JaxquantError(f"checkpoint {directory}{made_from}: the tokenizer of --model "
+                            f"{model.name} has {vocab} tokens, the checkpoint's embedding "
+                            f"{cfg.vocab_size}. {fix}")
     embed = params.get("embed", {}).get("embedding") if isinstance(params, dict) else None
     rows = getattr(embed, "shape", (cfg.vocab_size,))[0]
     if rows != cfg.vocab_size:
-        raise JaxquantError(
-            f"checkpoint {directory}: its embedding has {rows} rows but its "
-            f"config says vocab_size {cfg.vocab_size}; the checkpoint is "
-            "inconsistent. Write it again with `jaxquant ptq --out ... --force`."
-        )
+        raise JaxquantError(f"checkpoint {directory}: its embedding has {rows} rows but its "
+                            f"config says vocab_size {cfg.vocab_size}; the checkpoint is "
+                            "inconsistent. Write it again with `jaxquant ptq --out ... --force`.")
 
 
-def evaluate_checkpoint(
-    model: LoadedModel,
-    directory,
-    *,
-    dataset="ptb",
-    split="test",
-    heldout: tuple[str, ...] = (),
-    **kwargs,
-) -> dict:
+def evaluate_checkpoint(model: LoadedModel, directory, *, dataset="ptb", split="test",
+                        heldout: tuple[str, ...] = (), **kwargs) -> dict:
     """Perplexity of a saved quantized model (the tokenizer comes from ``model``), on
     ``dataset`` and on each ``heldout`` data set's test split (``result["heldout"]``).
 
@@ -533,28 +420,14 @@ def evaluate_checkpoint(
         tokenizer's vocabulary differ), which would give a meaningless or NaN perplexity.
     """
     cfg, params, sidecar = load_quantized(directory)
-    check_model_matches(
-        model,
-        cfg,
-        params,
-        directory,
-        (sidecar.get("info") or {}).get("model") if isinstance(sidecar, dict) else None,
-    )
+    check_model_matches(model, cfg, params, directory,
+                        (sidecar.get("info") or {}).get("model") if isinstance(sidecar, dict)
+                        else None)
     tokens = tokens_for(model, dataset, split)
     ppl = evaluate_params(cfg, params, tokens, **kwargs)
-    held = {
-        name: evaluate_params(cfg, params, tokens_for(model, name, "test"), **kwargs)["perplexity"]
-        for name in heldout
-        if name != dataset
-    }
-    return {
-        "model": model.name,
-        "checkpoint": str(directory),
-        "dataset": dataset,
-        "split": split,
-        "recipe": sidecar["recipe"],
-        **ppl,
-        "heldout": held,
-        **weight_stats(params),
-        "environment": environment(),
-    }
+    held = {name: evaluate_params(cfg, params, tokens_for(model, name, "test"),
+                                  **kwargs)["perplexity"]
+            for name in heldout if name != dataset}
+    return {"model": model.name, "checkpoint": str(directory), "dataset": dataset,
+            "split": split, "recipe": sidecar["recipe"], **ppl, "heldout": held,
+            **weight_stats(params), "environment": environment()}
