@@ -41,9 +41,11 @@ from jaxquant.core import weight_only as weight_only
 # stays pure JAX: name -> module that defines it.
 _LAZY = {
     "AWQConfig": "jaxquant.ptq.any_model_scales",
+    "BlockStack": "jaxquant.nn.block_stack",
     "QuantRule": "jaxquant.nn.rules",
     "SmoothQuantConfig": "jaxquant.ptq.any_model_scales",
     "calibrate_and_convert": "jaxquant.ptq.any_model",
+    "quantize_blocks": "jaxquant.ptq.pipeline",
     "quantize_model": "jaxquant.nn.any_model",
     "to_serving": "jaxquant.nn.any_model",
 }

@@ -15,6 +15,7 @@ from jaxquant.nn.any_model import to_serving as to_serving
 from jaxquant.nn.attention import Attention as Attention
 from jaxquant.nn.attention import attend as attend
 from jaxquant.nn.axes import infer_contracting_axes as infer_contracting_axes
+from jaxquant.nn.block_stack import BlockStack as BlockStack
 from jaxquant.nn.config import TransformerConfig as TransformerConfig
 from jaxquant.nn.decode import decode_step as decode_step
 from jaxquant.nn.decode import generate as generate
@@ -49,9 +50,13 @@ from jaxquant.nn.rope import apply_rope as apply_rope
 from jaxquant.nn.rope import half_to_adjacent as half_to_adjacent
 from jaxquant.nn.rules import QuantRule as QuantRule
 from jaxquant.nn.rules import match_rule as match_rule
+from jaxquant.nn.sites import Site as Site
+from jaxquant.nn.sites import SiteTable as SiteTable
 from jaxquant.nn.transformer import MLP as MLP
 from jaxquant.nn.transformer import Block as Block
 from jaxquant.nn.transformer import RMSNorm as RMSNorm
 from jaxquant.nn.transformer import Transformer as Transformer
+from jaxquant.nn.transformer import TransformerStack as TransformerStack
+from jaxquant.nn.transformer import block_sites as block_sites
 from jaxquant.nn.transformer import serving_param_bytes as serving_param_bytes
 from jaxquant.nn.transformer import serving_params_shape as serving_params_shape

@@ -23,17 +23,21 @@ Train -> convert -> serve::
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping, Sequence
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jaxquant.nn import kv_cache
 from jaxquant.nn.attention import Attention, qdense
+from jaxquant.nn.block_stack import BlockStack
 from jaxquant.nn.config import TransformerConfig
 from jaxquant.nn.linear import QEmbed
 from jaxquant.nn.modes import QuantMode
 from jaxquant.nn.params import param_bytes
-from jaxquant.nn.rules import config_for, module_path
+from jaxquant.nn.rules import QuantRule, config_for, module_path
 from jaxquant.nn.sites import Site, SiteTable
 
 
@@ -211,3 +215,44 @@ def block_sites(cfg: TransformerConfig) -> SiteTable:
         Site(name="down_in", linears=("mlp/down_proj",), d_in=cfg.ffn_dim,
              fold_into="mlp/up_proj/kernel"),
     ))
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerStack(BlockStack):
+    """The :class:`Transformer` as block-by-block PTQ runs it (:func:`jaxquant.ptq.quantize_blocks`):
+    the embedding lookup, then ``block_0 .. block_{n_layers-1}`` taking ``(h, positions)``.
+
+    Attributes:
+      cfg: the float model's config.
+    """
+
+    cfg: TransformerConfig
+
+    @property
+    def block_keys(self) -> tuple[str, ...]:
+        return tuple(f"block_{i}" for i in range(self.cfg.n_layers))
+
+    @property
+    def sites(self) -> SiteTable:
+        return block_sites(self.cfg)
+
+    @property
+    def block_prefix(self) -> str:
+        return r"(^|/)block_\d+/"
+
+    def block_inputs(self, params: Mapping, tokens: jax.Array) -> tuple[jax.Array, tuple]:
+        """The float embedding rows ``[n, length, D]`` and positions ``0 .. length-1``."""
+        n, length = tokens.shape
+        h = jnp.asarray(params["embed"]["embedding"])[tokens].astype(self.cfg.compute_dtype)
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (n, length))
+        return h, (positions,)
+
+    def block(self, rules: Sequence[QuantRule] | None, mode: QuantMode) -> Block:
+        cfg = self.cfg if rules is None else dataclasses.replace(self.cfg,
+                                                                 quant_rules=tuple(rules))
+        return Block(cfg, mode)
+
+    def serving(self, rules: Sequence[QuantRule] | None) -> TransformerConfig:
+        """``cfg`` with ``rules`` (embeddings and head stay float); None: ``cfg``."""
+        return self.cfg if rules is None else dataclasses.replace(self.cfg,
+                                                                  quant_rules=tuple(rules))

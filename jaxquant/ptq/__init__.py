@@ -32,6 +32,7 @@ from jaxquant.ptq.hessian import stats_init as stats_init
 from jaxquant.ptq.hessian import stats_update as stats_update
 from jaxquant.ptq.options import PTQOptions as PTQOptions
 from jaxquant.ptq.pipeline import layer_group_sizes as layer_group_sizes
+from jaxquant.ptq.pipeline import quantize_blocks as quantize_blocks
 from jaxquant.ptq.pipeline import quantize_model as quantize_model
 from jaxquant.ptq.pipeline import serving_config as serving_config
 from jaxquant.ptq.recipe import Recipe as Recipe

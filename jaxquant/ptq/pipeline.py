@@ -1,17 +1,23 @@
-"""Model-level PTQ of the LLaMA :class:`~jaxquant.nn.Transformer`: the block-by-block driver.
+"""Model-level PTQ, block by block: :func:`quantize_blocks` for any
+:class:`~jaxquant.nn.block_stack.BlockStack`, :func:`quantize_model` for the LLaMA
+:class:`~jaxquant.nn.Transformer`.
 
 Calibration-based algorithms run block by block, as in the GPTQ paper: the calibration windows
-are embedded once; each decoder block is run in float on the outputs of the *already-quantized*
-blocks before it while the inputs of its linears are captured (``nn.intercept_methods``), its
-weights are quantized, and the quantized block then produces the inputs of the next block.
+go through the model's input stage once; each block is run in float on the outputs of the
+*already-quantized* blocks before it while the inputs of its linears are captured
+(``nn.intercept_methods``), its weights are quantized, and the quantized block then produces the
+inputs of the next block.
 
-The driver knows neither the algorithms nor the layer names: what to measure, what to fold
+The driver knows neither the algorithms nor the architecture: what to measure, what to fold
 and how to quantize one linear is the algorithm's (:class:`~jaxquant.ptq.algorithm.PTQAlgorithm`,
-found by the recipe's method in :data:`~jaxquant.ptq.registry.ALGORITHMS`); which linears share
-an input and where a scale of it folds is the model's site table
-(:func:`~jaxquant.nn.transformer.block_sites`).
+found by the recipe's method in :data:`~jaxquant.ptq.registry.ALGORITHMS`); how to embed, which
+blocks there are and how to run one, which linears share an input and where a scale of it folds
+is the model's :class:`~jaxquant.nn.block_stack.BlockStack` (for the LLaMA,
+:class:`~jaxquant.nn.transformer.TransformerStack` and
+:func:`~jaxquant.nn.transformer.block_sites`).
 
-The result is always serving params (QArray kernels) for ``Transformer(serve_cfg, SERVE)``.
+The result is always serving params (QArray kernels) for the stack's served model
+(``Transformer(serve_cfg, SERVE)``).
 """
 
 from __future__ import annotations
@@ -28,11 +34,12 @@ import numpy as np
 from flax import traverse_util
 from tqdm.auto import tqdm
 
+from jaxquant.nn.block_stack import BlockStack, block_output
 from jaxquant.nn.config import TransformerConfig
 from jaxquant.nn.modes import QuantMode
 from jaxquant.nn.rules import QuantRule
 from jaxquant.nn.sites import SiteTable
-from jaxquant.nn.transformer import Block, block_sites
+from jaxquant.nn.transformer import TransformerStack
 from jaxquant.ptq import folding
 from jaxquant.ptq.algorithm import PTQAlgorithm, SiteInputs, Stat, effective_group
 from jaxquant.ptq.gptq import GPTQConfig
@@ -41,26 +48,32 @@ from jaxquant.ptq.options import PTQOptions
 from jaxquant.ptq.recipe import Recipe
 
 __all__ = ["GPTQConfig", "PTQOptions", "effective_group", "layer_group_sizes",
-           "quantize_model", "serving_config"]
+           "quantize_blocks", "quantize_model", "serving_config"]
 
 
-def layer_group_sizes(cfg: TransformerConfig, recipe: Recipe) -> dict[str, int | None] | None:
+def _stack(model: TransformerConfig | BlockStack) -> BlockStack:
+    return model if isinstance(model, BlockStack) else TransformerStack(model)
+
+
+def layer_group_sizes(model: TransformerConfig | BlockStack,
+                      recipe: Recipe) -> dict[str, int | None] | None:
     """The group size each block linear is quantized with (:func:`effective_group` of the
     recipe's), by module path inside a block (``{"attn/q_proj": 96, ..., "mlp/down_proj": 128}``
-    for ``g128`` on SmolLM2); None when the recipe has no weight groups."""
+    for ``g128`` on SmolLM2); None when the recipe has no weight groups. ``model``: a
+    Transformer's config or any :class:`~jaxquant.nn.block_stack.BlockStack`."""
     dot = recipe.dot_config
     if dot is None or dot.rhs is None or dot.rhs.group_size is None:
         return None
     return {lin: effective_group(site.d_in, dot.rhs.group_size)
-            for site in block_sites(cfg) for lin in site.linears}
+            for site in _stack(model).sites for lin in site.linears}
 
 
-def _projection_rules(cfg: TransformerConfig, recipe: Recipe, prefix: str) -> tuple:
+def _projection_rules(sites: SiteTable, recipe: Recipe, prefix: str) -> tuple:
     base = recipe.dot_config
     if base is None:
         return ()
     rules = []
-    for site in block_sites(cfg):
+    for site in sites:
         dot = base
         if base.rhs is not None and base.rhs.group_size is not None:
             rhs = dataclasses.replace(base.rhs, group_size=effective_group(site.d_in,
@@ -70,27 +83,24 @@ def _projection_rules(cfg: TransformerConfig, recipe: Recipe, prefix: str) -> tu
     return tuple(rules)
 
 
-def serving_config(cfg: TransformerConfig, recipe: Recipe) -> TransformerConfig:
+def serving_config(model: TransformerConfig | BlockStack, recipe: Recipe):
     """The config the quantized model serves with: block projections quantized (per-layer
-    group sizes from :func:`effective_group`), embeddings / head float."""
-    return dataclasses.replace(
-        cfg, quant_rules=_projection_rules(cfg, recipe, r"(^|/)block_\d+/"))
+    group sizes from :func:`effective_group`), the rest (embeddings, head) as the model has
+    it. ``model``: a Transformer's config (returns a ``TransformerConfig``) or any
+    :class:`~jaxquant.nn.block_stack.BlockStack` (returns its ``serving`` config)."""
+    stack = _stack(model)
+    return stack.serving(_projection_rules(stack.sites, recipe, stack.block_prefix))
 
 
-def _block_config(cfg: TransformerConfig, recipe: Recipe) -> TransformerConfig:
-    # A standalone Block sees module paths like "attn/q_proj" (no "block_i/" prefix).
-    return dataclasses.replace(cfg, quant_rules=_projection_rules(cfg, recipe, r"^"))
-
-
-def _make_capture(cfg: TransformerConfig, sites: SiteTable):
-    """``capture(block_params, x, positions) -> {site: input}`` for every site, and
+def _make_capture(stack: BlockStack, sites: SiteTable):
+    """``capture(block_params, x, extras) -> {site: input}`` for every site, and
     ``capture_site(name)(...) -> input`` of one site. Only the captured inputs are returned,
     so XLA drops the rest of the block: sequential GPTQ's early stages cost a fraction of a
     block."""
-    block = Block(cfg, QuantMode.TRAIN)
+    block = stack.block(None, QuantMode.TRAIN)
     first = {site.linears[0]: site.name for site in sites}
 
-    def trace(block_params, x, positions):
+    def trace(block_params, x, extras):
         seen = {}
 
         def interceptor(next_fun, args, kwargs, ctx):
@@ -100,22 +110,27 @@ def _make_capture(cfg: TransformerConfig, sites: SiteTable):
             return next_fun(*args, **kwargs)
 
         with nn.intercept_methods(interceptor):
-            block.apply({"params": block_params}, x, positions)
+            block.apply({"params": block_params}, x, *extras)
+        missing = [site.name for site in sites if site.name not in seen]
+        if missing:
+            raise ValueError(f"The block's forward never called the first linear of sites "
+                             f"{missing} ({[sites[m].linears[0] for m in missing]}): fix the "
+                             "site table's paths.")
         return {site.name: seen[site.name] for site in sites}
 
     @functools.cache
     def capture_site(name):
-        return jax.jit(lambda bp, x, pos: trace(bp, x, pos)[name])
+        return jax.jit(lambda bp, x, extras: trace(bp, x, extras)[name])
 
     return jax.jit(trace), capture_site
 
 
-def _make_serve(cfg: TransformerConfig):
-    block = Block(cfg, QuantMode.SERVE)
+def _make_serve(stack: BlockStack, rules: tuple):
+    block = stack.block(rules, QuantMode.SERVE)
 
     @jax.jit
-    def run(block_params, x, positions):
-        return block.apply({"params": block_params}, x, positions)[0]
+    def run(block_params, x, extras):
+        return block_output(block.apply({"params": block_params}, x, *extras))
 
     return run
 
@@ -129,7 +144,7 @@ class _Calib:
     """The calibration inputs of the current block and how to look inside it."""
 
     h: jax.Array  # [n, length, D] inputs of the block
-    positions: jax.Array  # [n, length]
+    extras: tuple  # the block's other arguments, leading axis n (the LLaMA's positions)
     batches: list
     capture: Any
     capture_site: Any
@@ -137,12 +152,12 @@ class _Calib:
     max_sample: int
 
     def measure(self, step, hessian: bool, sample: bool, names):
-        """Runs ``step(x, positions) -> {site: input}`` over the batches; returns
+        """Runs ``step(x, extras) -> {site: input}`` over the batches; returns
         ``{site: SiteInputs}`` with the statistics (Hessian only if asked) and samples."""
         stats: dict[str, InputStats] = {}
         kept: dict[str, list] = {name: [] for name in names}
         for a, b in self.batches:
-            for name, x in step(self.h[a:b], self.positions[a:b]).items():
+            for name, x in step(self.h[a:b], _rows(self.extras, a, b)).items():
                 if name not in stats:
                     stats[name] = stats_init(x.shape[-1], hessian=hessian)
                 stats[name] = stats_update(stats[name], x)
@@ -152,8 +167,12 @@ class _Calib:
             jnp.concatenate(kept[name])[: self.max_sample] if sample else None)) for name in names}
 
 
-def _capture_one(capture, block_params, name, x, positions):
-    return {name: capture(block_params, x, positions)}
+def _rows(extras: tuple, a: int, b: int) -> tuple:
+    return tuple(e[a:b] for e in extras)
+
+
+def _capture_one(capture, block_params, name, x, extras):
+    return {name: capture(block_params, x, extras)}
 
 
 def _fold(algo: PTQAlgorithm, sites: SiteTable, flat: dict, measured: dict) -> tuple[dict, dict]:
@@ -182,6 +201,9 @@ def _quantize_block(algo: PTQAlgorithm, sites: SiteTable, bp: dict, cal: _Calib 
     flat = traverse_util.flatten_dict(jax.tree.map(jnp.asarray, bp), sep="/")
     for site in sites:
         for k in site.kernels:
+            if k not in flat:
+                raise ValueError(f"The site table's {site.name} names {k}, which the block's "
+                                 f"params do not have: fix the model's site table.")
             if flat[k].shape[0] != site.d_in:
                 raise ValueError(f"The site table says {site.name} is {site.d_in} wide, but "
                                  f"{k} is {flat[k].shape}: fix the model's site table.")
@@ -223,7 +245,8 @@ def quantize_model(
     options: PTQOptions | None = None,
     progress: bool = True,
 ) -> tuple[TransformerConfig, dict, dict[str, Any]]:
-    """Post-training quantization of a :class:`~jaxquant.nn.Transformer`.
+    """Post-training quantization of a :class:`~jaxquant.nn.Transformer`
+    (:func:`quantize_blocks` on its :class:`~jaxquant.nn.transformer.TransformerStack`).
 
     Args:
       cfg: the float model's config.
@@ -238,38 +261,68 @@ def quantize_model(
       ``info`` has the quantization time in ``seconds`` and, for grouped recipes,
       ``group_sizes``: the group size of each block linear (:func:`layer_group_sizes`).
     """
+    return quantize_blocks(TransformerStack(cfg), params, recipe, calib_tokens, options=options,
+                           progress=progress)
+
+
+def quantize_blocks(
+    stack: BlockStack,
+    params: dict,
+    recipe: Recipe,
+    calib_tokens: np.ndarray | None = None,
+    *,
+    options: PTQOptions | None = None,
+    progress: bool = True,
+) -> tuple[Any, dict, dict[str, Any]]:
+    """Post-training quantization of any model described by a
+    :class:`~jaxquant.nn.block_stack.BlockStack`, block by block.
+
+    Args:
+      stack: the model's stack (the LLaMA's: ``TransformerStack(cfg)``).
+      params: its float params (``params[key]`` for each of ``stack.block_keys``; the other
+        top-level entries are kept as they are).
+      recipe: what to do (:func:`~jaxquant.ptq.recipe.parse_recipe`).
+      calib_tokens: ``[n, length]`` calibration windows (needed by gptq / awq / smoothquant).
+      options: :class:`PTQOptions` (None: the defaults).
+      progress: show a progress bar over blocks.
+
+    Returns:
+      ``(serve_cfg, serve_params, info)``: ``serve_cfg`` is ``stack.serving(rules)``;
+      ``info`` as :func:`quantize_model`'s.
+    """
     t0 = time.perf_counter()
     options = options or PTQOptions()
     algo = recipe.algorithm(options)
     if recipe.dot_config is None:
-        return cfg, params, {"seconds": 0.0}
-    sites = block_sites(cfg)
+        return stack.serving(None), params, {"seconds": 0.0}
+    sites = stack.sites
     algo.check(sites)
-    serve_cfg = serving_config(cfg, recipe)
+    serve_cfg = serving_config(stack, recipe)
     info: dict[str, Any] = {}
-    if (groups := layer_group_sizes(cfg, recipe)) is not None:
+    if (groups := layer_group_sizes(stack, recipe)) is not None:
         info["group_sizes"] = groups
-    out_params = {k: v for k, v in params.items() if not k.startswith("block_")}
-    bar = tqdm(range(cfg.n_layers), desc=f"{recipe.name} blocks", disable=not progress)
+    keys = stack.block_keys
+    if missing := [k for k in keys if k not in params]:
+        raise ValueError(f"params have no {missing[:3]}: the stack's blocks are {list(keys)}.")
+    out_params = {k: v for k, v in params.items() if k not in keys}
+    bar = tqdm(keys, desc=f"{recipe.name} blocks", disable=not progress)
     if not algo.calibrated:
-        for i in bar:
-            out_params = {**out_params, f"block_{i}": _quantize_block(
-                algo, sites, params[f"block_{i}"], None)}
+        for key in bar:
+            out_params = {**out_params, key: _quantize_block(algo, sites, params[key], None)}
         jax.block_until_ready(out_params)
         return serve_cfg, out_params, {"seconds": time.perf_counter() - t0, **info}
     if calib_tokens is None:
         raise ValueError(f"{recipe.method} needs calibration data: pass calib_tokens [n, length].")
     calib = jnp.asarray(calib_tokens, jnp.int32)
     n, length = calib.shape
-    serve = _make_serve(_block_config(cfg, recipe))
-    capture, capture_site = _make_capture(cfg, sites)
-    h = jnp.asarray(params["embed"]["embedding"])[calib].astype(cfg.compute_dtype)
-    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (n, length))
+    serve = _make_serve(stack, _projection_rules(sites, recipe, r"^"))
+    capture, capture_site = _make_capture(stack, sites)
+    h, extras = stack.block_inputs(params, calib)
     batches = _batches(n, options.batch_windows)
     stride = max(1, (n * length) // options.awq_tokens)
-    for i in bar:
-        cal = _Calib(h, positions, batches, capture, capture_site, stride, options.awq_tokens)
-        qbp = _quantize_block(algo, sites, params[f"block_{i}"], cal)
-        h = jnp.concatenate([serve(qbp, h[a:b], positions[a:b]) for a, b in batches])
-        out_params = {**out_params, f"block_{i}": qbp}
+    for key in bar:
+        cal = _Calib(h, extras, batches, capture, capture_site, stride, options.awq_tokens)
+        qbp = _quantize_block(algo, sites, params[key], cal)
+        h = jnp.concatenate([serve(qbp, h[a:b], _rows(extras, a, b)) for a, b in batches])
+        out_params = {**out_params, key: qbp}
     return serve_cfg, out_params, {"seconds": time.perf_counter() - t0, **info}
