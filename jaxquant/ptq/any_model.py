@@ -57,6 +57,7 @@ from jaxquant.nn.input_scale import INPUT_SCALE
 from jaxquant.nn.layer_quant import LayerPlan, Op
 from jaxquant.nn.linen_model import convert_linen
 from jaxquant.ptq.any_model_scales import SCALED_METHODS, AWQConfig, ScaleConfig
+from jaxquant.ptq.awq import quantize_with_ranges
 from jaxquant.ptq.gptq import GPTQConfig, gptq_quantize
 from jaxquant.ptq.hessian import InputStats, hessian
 from jaxquant.ptq.kernel_view import (
@@ -95,7 +96,8 @@ def calibrate_and_convert(
         ``__call__`` (``[(x1,), (x2,)]``; ``None`` is allowed with ``method="rtn"``).
       method: ``"gptq"``; ``"rtn"`` (round to nearest through the same matrix views: the
         same params as ``to_serving``); ``"awq"`` (a searched input scale ``s`` per layer, then
-        ``W * s`` rounded to nearest), ``"awq+gptq"`` (``W * s`` solved by GPTQ) or
+        ``W * s`` rounded to nearest with clipped scales: AWQ's clip search),
+        ``"awq+gptq"`` (``W * s`` solved by GPTQ, no clip search) or
         ``"smoothquant"`` (rules that quantize activations); or an
         :class:`~jaxquant.ptq.any_model_scales.AWQConfig` /
         :class:`~jaxquant.ptq.any_model_scales.SmoothQuantConfig` for their settings. With a
@@ -195,10 +197,14 @@ def _resolve_method(method) -> tuple[str, ScaleConfig | None]:
 def _convert_layer(plan, kernel, stats, solver, scaler, config):
     """``(qarray, wq2, s)``: one layer's serving kernel, the float matrix the layer computes
     with (``Q(W * s) / s`` on the matrix view) and its input scale (None without a scaler)."""
-    s = None
+    s = ranges = None
     if scaler is not None:
-        s, _ = scaler.scale(plan, _to_matrix(plan, kernel), stats)
-    q, wq2 = quantize_layer(plan, kernel, None if solver == "rtn" else stats, config, scale=s)
+        w2 = _to_matrix(plan, kernel)
+        s, _ = scaler.scale(plan, w2, stats)
+        if solver == "rtn":  # AWQ's clip search (GPTQ calibrates its own scales)
+            ranges = scaler.weight_ranges(plan, w2 * channel_rows(plan, s)[:, None], stats, s)
+    q, wq2 = quantize_layer(plan, kernel, None if solver == "rtn" else stats, config, scale=s,
+                            ranges=ranges)
     if s is not None:
         wq2 = wq2 / channel_rows(plan, s)[:, None]
     return q, wq2, s
@@ -211,6 +217,7 @@ def quantize_layer(
     config: GPTQConfig = _GPTQ_DEFAULT,
     *,
     scale: jax.Array | None = None,
+    ranges: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[QArray, jax.Array]:
     """One layer's serving kernel, from its float kernel and its inputs' statistics.
 
@@ -223,6 +230,10 @@ def quantize_layer(
       scale: an input scale ``s`` (``input_scale_shape(plan)``, AWQ / SmoothQuant): the kernel
         quantized is ``W * s`` (its matrix rows times ``s``), and GPTQ's Hessian is that of the
         inputs ``x / s``, ``diag(1/s) H diag(1/s)``.
+      ranges: with ``stats=None``, the ranges ``(lo, hi)`` of the (scaled) matrix to round it
+        with, each ``[d_in / group or 1, d_out]`` (AWQ's clipped ranges,
+        :meth:`~jaxquant.ptq.any_model_scales.AWQConfig.weight_ranges`); None: the spec's own
+        calibration.
 
     Returns:
       ``(qarray, w2)``: the kernel laid out as ``plan.quantize_kernel(kernel)`` lays it out,
@@ -233,8 +244,11 @@ def quantize_layer(
     r = None if scale is None else channel_rows(plan, jnp.asarray(scale, jnp.float32))
     if r is not None:
         w2 = w2 * r[:, None]
+    if ranges is not None and stats is not None:
+        raise ValueError(f"{plan.path}: ranges are for rounding to nearest; GPTQ (stats given) "
+                         "calibrates its own scales. Pass one of them.")
     if stats is None:
-        parts = (_rtn(w2, spec),)
+        parts = (_rtn(w2, spec) if ranges is None else _rtn_ranges(w2, spec, *ranges),)
     else:
         groups = int(stats.count.shape[0])
         cols = w2.shape[1] // groups
@@ -253,6 +267,7 @@ def quantize_layer(
 
 # One compiled program per layer plan (eager dispatch compiles every small op per shape).
 _rtn = jax.jit(lambda w2, spec: quantize_operand(w2, spec, (0,)), static_argnums=1)
+_rtn_ranges = jax.jit(quantize_with_ranges, static_argnums=1)
 _to_matrix = jax.jit(lambda plan, w: to_matrix(plan, w).astype(jnp.float32), static_argnums=0)
 
 

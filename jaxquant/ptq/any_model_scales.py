@@ -18,7 +18,11 @@ share their channel's entry) and is expanded to the rows by
   quantized layer has the lowest output error ``sum_o dW_o^T H dW_o`` with ``H = X^T X`` and
   ``dW = Q(W * s) / s - W`` (no token sample needed; ``alpha = 0`` is RTN, so AWQ is never worse
   than RTN on the calibration data). ``W * s`` is then rounded to nearest, or GPTQ-solved on
-  ``H' = diag(1/s) H diag(1/s)`` (the Hessian of the scaled inputs ``x / s``).
+  ``H' = diag(1/s) H diag(1/s)`` (the Hessian of the scaled inputs ``x / s``). With ``clip``
+  (rounding only), AWQ's second step then shrinks each (group, output column)'s range of
+  ``W * s`` by the ratio with the lowest output error in the same ``H'`` norm
+  (:func:`~jaxquant.ptq.awq.clip_ranges_hessian`); the served kernel is ``W * s`` rounded with
+  those clipped scales.
 * :class:`SmoothQuantConfig` (``method="smoothquant"``): ``s_j = max|x_j|^alpha /
   max|W_j|^(1 - alpha)`` (:func:`~jaxquant.ptq.smoothquant.smooth_scales`), for layers whose
   rule quantizes activations (W8A8): the activation quantizer then sees the flattened ``x / s``.
@@ -35,7 +39,7 @@ import jax.numpy as jnp
 from jaxquant.core.spec import QuantSpec
 from jaxquant.nn.input_scale import input_scale_shape
 from jaxquant.nn.layer_quant import LayerPlan
-from jaxquant.ptq.awq import awq_scales, fake_quant_kernel
+from jaxquant.ptq.awq import awq_scales, clip_ranges_hessian, fake_quant_kernel
 from jaxquant.ptq.hessian import InputStats, abs_mean, hessian
 from jaxquant.ptq.kernel_view import channel_rows, channel_stat, matrix_spec
 from jaxquant.ptq.smoothquant import smooth_scales
@@ -50,11 +54,21 @@ class AWQConfig:
         ``alpha = 0`` only: ``s = 1``, plain RTN (or GPTQ).
       alpha: a fixed ``alpha`` in ``[0, 1]`` instead of the search (None: search).
       gptq: quantize ``W * s`` with GPTQ on ``diag(1/s) H diag(1/s)`` instead of rounding it.
+      clip: AWQ's clip search after the scale: each (group, output column)'s range of ``W * s``
+        shrinks by the ratio (``n_clip_grid`` in ``(0.5, 1]``) with the lowest output error in
+        the ``H`` norm, and the layer is rounded with those scales (never a higher error on the
+        calibration data than without). None (default): on when rounding (``gptq=False``),
+        off with GPTQ, whose error feedback already solves for the rounding on the grid of the
+        (unclipped) range; ``True`` with ``gptq=True`` is refused.
+      n_clip_grid: the number of clip ratios tried, ``1 - 0.5 * i / n_clip_grid`` (AWQ: 20;
+        1 is no clip).
     """
 
     n_grid: int = 20
     alpha: float | None = None
     gptq: bool = False
+    clip: bool | None = None
+    n_clip_grid: int = 20
 
     def __post_init__(self):
         if not isinstance(self.n_grid, int) or isinstance(self.n_grid, bool) or self.n_grid < 1:
@@ -64,6 +78,15 @@ class AWQConfig:
             raise ValueError(f"AWQConfig.alpha must be None or in [0, 1], got {self.alpha!r}.")
         if not isinstance(self.gptq, bool):
             raise ValueError(f"AWQConfig.gptq must be a bool, got {self.gptq!r}.")
+        if self.clip is not None and not isinstance(self.clip, bool):
+            raise ValueError(f"AWQConfig.clip must be None or a bool, got {self.clip!r}.")
+        if self.clip and self.gptq:
+            raise ValueError("AWQConfig(clip=True, gptq=True): the clip search picks scales for "
+                             "rounding to nearest; GPTQ calibrates its own. Use clip=None.")
+        if (not isinstance(self.n_clip_grid, int) or isinstance(self.n_clip_grid, bool)
+                or self.n_clip_grid < 1):
+            raise ValueError(
+                f"AWQConfig.n_clip_grid must be a positive int, got {self.n_clip_grid!r}.")
 
     @property
     def name(self) -> str:
@@ -88,6 +111,23 @@ class AWQConfig:
         info = {"alpha": float(alphas[best]), "loss": float(losses[best]),
                 "loss_rtn": float(losses[0])}
         return s, info
+
+    @property
+    def clips(self) -> bool:
+        """Whether the clip search runs (``clip``, or its default: on without GPTQ)."""
+        return (not self.gptq) if self.clip is None else self.clip
+
+    def weight_ranges(
+        self, plan: LayerPlan, w2s: jax.Array, stats: InputStats, s: jax.Array
+    ) -> tuple[jax.Array, jax.Array] | None:
+        """The clipped ranges ``(lo, hi)`` (``[d_in / group or 1, d_out]`` each) to round the
+        scaled matrix ``w2s = W * s`` ``[d_in, d_out]`` with, searched in the norm of the
+        scaled inputs' Hessian ``diag(1/s) H diag(1/s)``; None without the clip search."""
+        if not self.clips:
+            return None
+        r = channel_rows(plan, jnp.asarray(s, jnp.float32))
+        h = hessian(_one_group(plan, stats, self.name)) / (r[:, None] * r[None, :])
+        return clip_ranges_hessian(w2s, h, spec=matrix_spec(plan), n_grid=self.n_clip_grid)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -124,6 +164,10 @@ class SmoothQuantConfig:
         w_max = channel_stat(plan, jnp.max(jnp.abs(w2), axis=1), "max")
         s = smooth_scales(x_max, [w_max[:, None]], self.alpha)
         return s.reshape(input_scale_shape(plan)), {"alpha": self.alpha}
+
+    def weight_ranges(self, plan, w2s, stats, s) -> None:
+        """None: SmoothQuant rounds ``W * s`` with the spec's own calibration."""
+        del plan, w2s, stats, s
 
 
 # The methods calibrate_and_convert names by string, besides "rtn" and "gptq".

@@ -10,6 +10,8 @@ For linears that share an input ``x [n, d_in]`` (e.g. q/k/v after the attention 
    columns) ``<- / s``: the float model is unchanged.
 3. **Clip search.** Per output column and group, shrink the range by up to 50% to minimise the
    *output* error ``(x_g . (Q(w_g) - w_g))^2`` on sampled calibration tokens.
+   (:func:`clip_ranges_hessian` is the same search in the ``H = X^T X`` norm, with no token
+   sample: AWQ on any model, :mod:`jaxquant.ptq.any_model_scales`.)
 
 As a model-level algorithm (:class:`AWQ`, recipe ``awq:int4:g128``) it searches a scale for
 every site with a fold target (the site table's ``output``, e.g. the whole SwiGLU MLP, is the
@@ -91,6 +93,19 @@ def search_scale(
     return scales[best], {"alpha": alphas[best], "loss": losses[best], "loss_alpha0": losses[0]}
 
 
+def clip_ratio_grid(n_grid: int, max_shrink: float) -> jax.Array:
+    """AWQ's clip ratios ``1 - max_shrink * i / n_grid`` for ``i < n_grid``, ``[n_grid]``
+    (the first is 1: no clip)."""
+    return 1.0 - max_shrink * jnp.arange(n_grid, dtype=jnp.float32) / n_grid
+
+
+def _clipped_dw(w, lo, hi, r, spec: QuantSpec, layout) -> jax.Array:
+    """``Q(w) - w`` with the range ``(lo, hi)`` (``layout.scale_shape``) shrunk by ``r``."""
+    scale, zp = calibration.compute_scale(lo * r, hi * r, spec)
+    q = calibration.quantize_codes(w, scale, zp, spec, layout)
+    return calibration.dequantize_codes(q, scale, zp, spec.qtype, layout) - w
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "n_grid", "max_shrink"))
 def _clip_ratios(x, w, *, spec: QuantSpec, n_grid: int, max_shrink: float):
     full = operand_spec(spec, 2, (0,))
@@ -101,15 +116,75 @@ def _clip_ratios(x, w, *, spec: QuantSpec, n_grid: int, max_shrink: float):
     xg = x.reshape(x.shape[0], d_in // g, g)
 
     def err(r):
-        scale, zp = calibration.compute_scale(lo * r, hi * r, full)
-        q = calibration.quantize_codes(w, scale, zp, full, layout)
-        dw = calibration.dequantize_codes(q, scale, zp, full.qtype, layout) - w
+        dw = _clipped_dw(w, lo, hi, r, full, layout)
         y = jnp.einsum("tGk,Gko->tGo", xg, dw.reshape(d_in // g, g, d_out))
         return jnp.mean(y * y, axis=0)  # [G, d_out]
 
-    ratios = 1.0 - max_shrink * jnp.arange(n_grid) / n_grid
+    ratios = clip_ratio_grid(n_grid, max_shrink)
     errs = jax.lax.map(err, ratios)
     best = ratios[jnp.argmin(errs, axis=0)]  # [G, d_out] == scale shape
+    return lo * best, hi * best
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "n_grid", "max_shrink"))
+def clip_ranges_hessian(
+    w: jax.Array, h: jax.Array, *, spec: QuantSpec, n_grid: int = 20, max_shrink: float = 0.5
+) -> tuple[jax.Array, jax.Array]:
+    """AWQ's clip search in the ``H`` norm: per group and output column, the clip ratio (of
+    :func:`clip_ratio_grid`) that minimises the layer's output error ``sum_o dW_o^T H dW_o``.
+
+    The groups of a column are coupled through ``H``'s off-diagonal blocks, so they are visited
+    in order (one Gauss-Seidel sweep from round to nearest): each group takes the ratio with the
+    lowest *total* error given the others' current ratios. Ratio 1 (the current one at the
+    start) is a candidate every time, so the error never exceeds round to nearest's.
+
+    Args:
+      w: the kernel ``[d_in, d_out]`` (float32).
+      h: ``[d_in, d_in]`` Hessian of its inputs (``X^T X`` up to a factor).
+      spec: the weight spec (operand spec, no axes; ``group_size`` in rows).
+      n_grid, max_shrink: the ratios, as in :func:`clip_quantize`.
+
+    Returns:
+      ``(lo, hi)``: the clipped ranges, each of the scale shape of ``quantize_operand(w, spec,
+      (0,))`` (``[d_in / group or 1, d_out]``); ``calibration.compute_scale(lo, hi, ...)`` is
+      the scale to quantize ``w`` with.
+    """
+    full = operand_spec(spec, 2, (0,))
+    layout = resolve_layout(full, w.shape)
+    lo, hi = calibration.calibrate(w, full, layout)
+    d_in, d_out = w.shape
+    g = spec.group_size or d_in
+    one = dataclasses.replace(full, channel_axes=(1,), group_size=None, group_axis=None)
+    one_layout = resolve_layout(one, (g, d_out))  # one group's rows: scale [1, d_out]
+    ratios = clip_ratio_grid(n_grid, max_shrink)
+    hp = functools.partial(jnp.matmul, precision="highest")
+
+    def group(j, carry):
+        dw, best = carry
+        wj = jax.lax.dynamic_slice_in_dim(w, j * g, g, 0)
+        loj, hij = (jax.lax.dynamic_slice_in_dim(a, j, 1, 0) for a in (lo, hi))
+        h_rows = jax.lax.dynamic_slice_in_dim(h, j * g, g, 0)  # [g, d_in]
+        hjj = jax.lax.dynamic_slice_in_dim(h_rows, j * g, g, 1)  # [g, g]
+        # The error's terms in group j's rows: dw_j^T H_jj dw_j + 2 dw_j^T (cross), where
+        # cross = sum over the other groups k of H_jk dw_k.
+        cross = hp(h_rows, dw) - hp(hjj, jax.lax.dynamic_slice_in_dim(dw, j * g, g, 0))
+
+        def candidate(c, r):
+            f_best, k_best, dw_best = c
+            dwr = _clipped_dw(wj, loj, hij, r, one, one_layout)
+            f = jnp.sum(dwr * (hp(hjj, dwr) + 2.0 * cross), axis=0)  # [d_out]
+            better = f < f_best
+            return (jnp.where(better, f, f_best), jnp.where(better, r, k_best),
+                    jnp.where(better[None], dwr, dw_best)), None
+
+        init = (jnp.full((d_out,), jnp.inf, jnp.float32), jnp.ones((d_out,), jnp.float32),
+                jnp.zeros((g, d_out), jnp.float32))
+        (_, r_best, dw_j), _ = jax.lax.scan(candidate, init, ratios)
+        return (jax.lax.dynamic_update_slice_in_dim(dw, dw_j, j * g, 0),
+                best.at[j].set(r_best))
+
+    dw0 = _clipped_dw(w, lo, hi, 1.0, full, layout)  # round to nearest
+    _, best = jax.lax.fori_loop(0, d_in // g, group, (dw0, jnp.ones_like(hi)))
     return lo * best, hi * best
 
 
@@ -140,9 +215,16 @@ def clip_quantize(
     xs = x[::step][:max_tokens]
     lo, hi = _clip_ratios(xs, jnp.asarray(w, jnp.float32), spec=spec, n_grid=n_grid,
                           max_shrink=max_shrink)
+    return quantize_with_ranges(jnp.asarray(w), spec, lo, hi)
+
+
+def quantize_with_ranges(w: jax.Array, spec: QuantSpec, lo: jax.Array, hi: jax.Array) -> QArray:
+    """``w [d_in, d_out]`` quantized as ``quantize_operand(w, spec, (0,))`` lays it out, with
+    the scale (and zero point) of the ranges ``(lo, hi)`` (its scale shape) instead of the
+    spec's calibration: a clip search's result."""
     full = operand_spec(spec, 2, (0,))
     scale, zp = calibration.compute_scale(lo, hi, full)
-    return quantize(jnp.asarray(w), full, scale=scale, zero_point=zp)
+    return quantize(w, full, scale=scale, zero_point=zp)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

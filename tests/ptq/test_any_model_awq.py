@@ -20,10 +20,14 @@ import pytest
 from flax import nnx
 
 import jaxquant as jq
+from jaxquant.core.calibration import calibrate
+from jaxquant.core.dot_general import operand_spec
+from jaxquant.core.spec import resolve_layout
 from jaxquant.nn.any_model import layer_plans, restore_serving, save_serving, to_serving
 from jaxquant.nn.layer_quant import Op
-from jaxquant.ptq.any_model import calibrate_and_convert
+from jaxquant.ptq.any_model import calibrate_and_convert, quantize_layer
 from jaxquant.ptq.any_model_scales import AWQConfig, SmoothQuantConfig
+from jaxquant.ptq.awq import clip_ranges_hessian, clip_ratio_grid, quantize_with_ranges
 from jaxquant.ptq.hessian import stats_init, stats_update
 from jaxquant.ptq.kernel_view import to_matrix
 from tests.ptq.test_any_model_ptq import (
@@ -40,7 +44,8 @@ from tests.ptq.test_any_model_ptq import (
     vectors,
 )
 
-FIXED = AWQConfig(alpha=0.5)  # a scale that is not 1 on every layer, for the algebra tests
+# A scale that is not 1 on every layer, for the algebra tests (clip: its own tests, (f)).
+FIXED = AWQConfig(alpha=0.5, clip=False)
 CONV_RULES = [jq.QuantRule("Conv_1", None),  # the grouped conv: no per-channel AWQ scale
               jq.QuantRule(".*", jq.weight_only("int4", group_size=4))]
 LINEN = {
@@ -51,29 +56,29 @@ LINEN = {
 
 
 @functools.cache
-def linen_awq(name: str) -> SimpleNamespace:
+def linen_awq(name: str, config: AWQConfig = FIXED) -> SimpleNamespace:
     """A linen model, its quantized form, float variables, 2 calibration batches, held-out
-    inputs, and its serving variables by AWQ with alpha 0.5."""
+    inputs, and its serving variables by AWQ (``config``: alpha 0.5, no clip)."""
     cls, inputs, rules = LINEN[name]
     model = cls()
     x = inputs(0, 2)
     qmodel = jq.quantize_model(model, rules, x)
     variables = jax.jit(model.init)(jax.random.key(1), x)
     batches = [(inputs(10 + i, 64),) for i in range(2)]
-    awq = calibrate_and_convert(qmodel, variables, batches, method=FIXED)
+    awq = calibrate_and_convert(qmodel, variables, batches, method=config)
     return SimpleNamespace(model=model, qmodel=qmodel, variables=variables, batches=batches,
                            x=inputs(99, 128), awq=awq)
 
 
 @functools.cache
-def nnx_awq() -> SimpleNamespace:
+def nnx_awq(config: AWQConfig = FIXED) -> SimpleNamespace:
     model = NNXMLP(nnx.Rngs(0))
     rules = [jq.QuantRule("conv", jq.weight_only("int4", group_size=4)),
              jq.QuantRule(".*", INT4_G16)]
     qmodel = jq.quantize_model(model, rules, images(0, 2))
     batches = [(images(10 + i, 64),) for i in range(2)]
     return SimpleNamespace(model=model, qmodel=qmodel, batches=batches, x=images(99, 128),
-                           awq=calibrate_and_convert(qmodel, batches, method=FIXED))
+                           awq=calibrate_and_convert(qmodel, batches, method=config))
 
 
 def _on_kernel(plan, s) -> jax.Array:
@@ -88,11 +93,16 @@ def _on_kernel(plan, s) -> jax.Array:
 # --- (a) s = 1 is RTN -------------------------------------------------------------------------
 
 
+UNIT = AWQConfig(n_grid=1, n_clip_grid=1)  # s = 1, and the clip search tries ratio 1 only
+
+
 def test_awq_with_unit_scale_is_rtn_exactly():
-    """``n_grid=1`` searches ``alpha = 0`` only, so ``s = 1``: the kernels are RTN's bit for bit
-    and the served output is RTN's (``method="rtn"`` is ``to_serving``: test_any_model_ptq)."""
+    """``n_grid=1`` searches ``alpha = 0`` only, so ``s = 1``, and ``n_clip_grid=1`` keeps each
+    range (the clipped-ranges path rounds with the spec's own scales): the kernels are RTN's
+    bit for bit and the served output is RTN's (``method="rtn"`` is ``to_serving``:
+    test_any_model_ptq)."""
     r = linen_awq("mlp")
-    got = calibrate_and_convert(r.qmodel, r.variables, r.batches, method=AWQConfig(n_grid=1))
+    got = calibrate_and_convert(r.qmodel, r.variables, r.batches, method=UNIT)
     rtn = calibrate_and_convert(r.qmodel, r.variables, None, method="rtn")
     for layer in ("Dense_0", "Dense_1"):
         assert same_tree(got["params"][layer]["kernel"], rtn["params"][layer]["kernel"])
@@ -100,7 +110,7 @@ def test_awq_with_unit_scale_is_rtn_exactly():
     np.testing.assert_array_equal(r.qmodel.apply(got, r.x), r.qmodel.apply(rtn, r.x))
 
     r = nnx_awq()
-    got = calibrate_and_convert(r.qmodel, r.batches, method=AWQConfig(n_grid=1))
+    got = calibrate_and_convert(r.qmodel, r.batches, method=UNIT)
     rtn = calibrate_and_convert(r.qmodel, None, method="rtn")
     for layer in ("conv", "fc1", "fc2"):
         assert same_tree(getattr(got, layer).kernel.get_value(),
@@ -210,6 +220,120 @@ def test_smoothquant_beats_plain_w8a8_on_outlier_channels():
     assert float(s[jnp.asarray(OUTLIERS)].min()) > float(jnp.median(s))
 
 
+# --- (f) AWQ's clip search: clipped ranges of W * s, in the H norm -----------------------------
+
+CLIPPED = AWQConfig(alpha=0.5)  # clip=None: on (rounding to nearest)
+
+
+def _column_h_errors(w, lo, hi, spec, h) -> jax.Array:
+    """``dW_o^T H dW_o`` per output column of ``w`` rounded with the ranges ``(lo, hi)``."""
+    dw = quantize_with_ranges(w, spec, lo, hi).dequantize(jnp.float32) - w
+    return jnp.sum(dw * (h @ dw), axis=0)
+
+
+def test_clip_search_per_channel_is_the_best_ratio_of_each_column():
+    """Per output channel (one group: no coupling), each column's clipped error is the lowest
+    of the grid's, by brute force over the ratios; grouped, the total is at most RTN's and
+    lower on outlier inputs."""
+    x = _outlier_inputs(0, 256)
+    h = x.T @ x
+    w = jnp.asarray(vectors(3, (D, 24)))
+    spec = jq.weight_only("int4").rhs
+    lo, hi = clip_ranges_hessian(w, h, spec=spec, n_grid=20)
+    full = operand_spec(spec, 2, (0,))
+    lo1, hi1 = calibrate(w, full, resolve_layout(full, w.shape))
+    brute = jnp.stack([_column_h_errors(w, lo1 * r, hi1 * r, spec, h)
+                       for r in clip_ratio_grid(20, 0.5)])
+    got = _column_h_errors(w, lo, hi, spec, h)
+    np.testing.assert_allclose(got, brute.min(axis=0), rtol=1e-5)
+    assert float(jnp.mean(hi / hi1)) < 0.99  # some columns clip
+
+    spec = jq.weight_only("int3", group_size=8).rhs
+    lo, hi = clip_ranges_hessian(w, h, spec=spec, n_grid=20)
+    full = operand_spec(spec, 2, (0,))
+    lo1, hi1 = calibrate(w, full, resolve_layout(full, w.shape))
+    clipped = float(jnp.sum(_column_h_errors(w, lo, hi, spec, h)))
+    rtn = float(jnp.sum(_column_h_errors(w, lo1, hi1, spec, h)))
+    assert clipped < 0.5 * rtn, (clipped, rtn)
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_awq_clip_lowers_the_h_norm_error_of_every_layer(bits):
+    """The MLP on outlier inputs: with the clip search, each layer's output error on its
+    calibration inputs, in the H norm, is at most that without it (the same input scale), and
+    lower in total."""
+    model = MLP()
+    x0 = _outlier_inputs(0, 2)
+    rule = jq.QuantRule(".*", jq.weight_only(f"int{bits}", group_size=16))
+    qmodel = jq.quantize_model(model, [rule], x0)
+    variables = jax.jit(model.init)(jax.random.key(1), x0)
+    batches = [(_outlier_inputs(10 + i, 64),) for i in range(3)]
+    on = calibrate_and_convert(qmodel, variables, batches, method="awq")
+    off = calibrate_and_convert(qmodel, variables, batches, method=AWQConfig(clip=False))
+    p = variables["params"]
+    x = jnp.concatenate([b[0] for b in batches])
+    inputs = {"Dense_0": x, "Dense_1": nn.relu(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])}
+    total = {"on": 0.0, "off": 0.0}
+    for layer, xl in inputs.items():
+        w = p[layer]["kernel"]
+        errs = {}
+        for name, served in (("on", on), ("off", off)):
+            sp = served["params"][layer]
+            errs[name] = _h_error(sp["kernel"].dequantize(jnp.float32) / sp["input_scale"][:, None],
+                                  w, xl)
+            total[name] += errs[name]
+        np.testing.assert_array_equal(on["params"][layer]["input_scale"],
+                                      off["params"][layer]["input_scale"])
+        assert errs["on"] <= errs["off"] * (1 + 1e-5), (layer, errs)
+    assert total["on"] < 0.9 * total["off"], total
+
+
+def _effective_clipped(plan, q, s, w):
+    """Checks ``q`` is ``W * s`` rounded to nearest with its own scale, a clipped RTN scale
+    (each group's ratio to RTN's in ``[0.5, 1]``), and returns ``dequant(q) / s`` and the
+    ratios."""
+    ws = w * _on_kernel(plan, s)
+    assert same_tree(q, plan.quantize_kernel(ws, scale=q.scale, zero_point=q.zero_point))
+    ratio = np.asarray(q.scale, np.float32) / np.asarray(plan.quantize_kernel(ws).scale,
+                                                         np.float32)
+    assert ratio.min() >= 0.5 - 1e-6 and ratio.max() <= 1 + 1e-6, plan.path
+    return q.dequantize(jnp.float32) / _on_kernel(plan, s), ratio
+
+
+@pytest.mark.parametrize("name", sorted(LINEN))
+def test_served_clipped_awq_is_divide_then_quantized_product_linen(name):
+    """With the clip search, the served kernel is ``W * s`` rounded with clipped scales, and
+    the served model equals the float model with each kernel ``dequant(Q(W * s)) / s``."""
+    r = linen_awq(name, CLIPPED)
+    plans, params = layer_plans(r.qmodel), dict(r.variables["params"])
+    ratios = []
+    for path, plan in plans.items():
+        sp = r.awq["params"][path]
+        np.testing.assert_array_equal(sp["input_scale"],
+                                      linen_awq(name).awq["params"][path]["input_scale"])
+        w, ratio = _effective_clipped(plan, sp["kernel"], sp["input_scale"],
+                                      params[path]["kernel"])
+        params[path] = {**params[path], "kernel": w}
+        ratios.append(ratio.ravel())
+    assert np.mean(np.concatenate(ratios) < 1 - 1e-6) > 0.05  # the search clipped some groups
+    want = r.model.apply({"params": params}, r.x)
+    got = jax.jit(r.qmodel.apply)(r.awq, r.x)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * float(jnp.abs(want).max()))
+
+
+def test_served_clipped_awq_is_divide_then_quantized_product_nnx():
+    r = nnx_awq(CLIPPED)
+    ref = nnx.clone(r.model)
+    for path, plan in layer_plans(r.qmodel).items():
+        layer = getattr(r.awq, path)
+        w, _ = _effective_clipped(plan, layer.kernel.get_value(), layer.input_scale.get_value(),
+                                  getattr(r.model, path).kernel.get_value())
+        getattr(ref, path).kernel.set_value(w)
+    want = ref(r.x)
+    np.testing.assert_allclose(r.awq(r.x), want, rtol=2e-5,
+                               atol=2e-5 * float(jnp.abs(want).max()))
+
+
 # --- (d) save / restore ----------------------------------------------------------------------
 
 
@@ -253,6 +377,13 @@ def test_sequential_awq_searches_each_block_on_the_quantized_blocks_before_it():
 # --- (e) bad input ----------------------------------------------------------------------------
 
 
+def _stats(batches):
+    stats = stats_init(D)
+    for (x,) in batches:
+        stats = stats_update(stats, x)
+    return jax.tree.map(lambda a: a[None], stats)
+
+
 def test_bad_input_raises_one_line_value_errors():
     r = linen_awq("mlp")
     with warnings.catch_warnings():
@@ -271,6 +402,12 @@ def test_bad_input_raises_one_line_value_errors():
         "method='awq' needs calib_batches": lambda: calibrate_and_convert(
             r.qmodel, r.variables, None, method="awq"),
         "n_grid must be a positive int": lambda: AWQConfig(n_grid=0),
+        "n_clip_grid must be a positive int": lambda: AWQConfig(n_clip_grid=0),
+        "clip must be None or a bool, got 'yes'": lambda: AWQConfig(clip="yes"),
+        "clip=True, gptq=True.*Use clip=None": lambda: AWQConfig(clip=True, gptq=True),
+        "Dense_0: ranges are for rounding to nearest": lambda: quantize_layer(
+            layer_plans(r.qmodel)["Dense_0"], r.variables["params"]["Dense_0"]["kernel"],
+            _stats(r.batches), ranges=(jnp.zeros((2, D)), jnp.ones((2, D)))),
         "alpha must be in": lambda: SmoothQuantConfig(alpha=1.5),
     }
     for match, call in cases.items():
