@@ -3,7 +3,7 @@ a per-input-channel ``input_scale`` s kept by the served layer, which computes
 ``(x / s) . Q(W * s)``.
 
 The models and inputs are those of test_any_model_ptq.py (a Dense MLP, DenseGeneral over two
-axes and an Einsum, a CNN, an NNX Linear + Conv model).
+axes and an Einsum, a CNN, an NNX Linear + Conv model), and an NNX model of two Einsums.
 """
 
 from __future__ import annotations
@@ -22,14 +22,18 @@ from flax import nnx
 import jaxquant as jq
 from jaxquant.core.calibration import calibrate
 from jaxquant.core.dot_general import operand_spec
+from jaxquant.core.qtypes import get_qtype
 from jaxquant.core.spec import resolve_layout
 from jaxquant.nn.any_model import layer_plans, restore_serving, save_serving, to_serving
+from jaxquant.nn.input_scale import input_scale_shape
 from jaxquant.nn.layer_quant import Op
+from jaxquant.nn.nnx_model import InputScale
 from jaxquant.ptq.any_model import calibrate_and_convert, quantize_layer
 from jaxquant.ptq.any_model_scales import AWQConfig, SmoothQuantConfig
 from jaxquant.ptq.awq import clip_ranges_hessian, clip_ratio_grid, quantize_with_ranges
 from jaxquant.ptq.hessian import stats_init, stats_update
 from jaxquant.ptq.kernel_view import to_matrix
+from tests.nn.helpers import EPS32, step_per_element
 from tests.ptq.test_any_model_ptq import (
     CNN,
     INT4,
@@ -350,6 +354,62 @@ def test_save_restore_of_an_awq_served_model_serves_bit_identically(tmp_path):
     np.testing.assert_array_equal(served.fc2.input_scale.get_value(),
                                   r.awq.fc2.input_scale.get_value())
     np.testing.assert_array_equal(served(r.x), r.awq(r.x))
+
+
+# --- (g) NNX Einsum layers with an input scale -------------------------------------------------
+
+
+class NNXEinsums(nnx.Module):
+    """Two ``nnx.Einsum``: to heads ``[D, 2, 16]``, and back over both head axes ``[2, 16, D]``
+    (an input scale ``[2, 16]``)."""
+
+    def __init__(self, rngs):
+        self.up = nnx.Einsum("bd,dhk->bhk", (D, 2, 16), (2, 16), rngs=rngs)
+        self.down = nnx.Einsum("bhk,hkf->bf", (2, 16, D), (D,), rngs=rngs)
+
+    def __call__(self, x):
+        return self.down(nnx.gelu(self.up(x)))
+
+
+def test_nnx_einsum_awq_serves_within_the_int4_steps_and_restores(tmp_path):
+    """``method="awq"`` (with the clip search) on NNX Einsum layers: each served layer keeps its
+    input scale and is within the int4 grid's error bound of the float layer on the same
+    inputs, ``|x / s| . e`` where ``e`` is each element's bound on ``|Q(W * s) - W * s|`` (half
+    a step, or the excess over a clipped range); save / restore round-trips the scales."""
+    model = NNXEinsums(nnx.Rngs(0))
+    qmodel = jq.quantize_model(model, [jq.QuantRule(".*", INT4_G16)], _outlier_inputs(0, 2))
+    batches = [(_outlier_inputs(10 + i, 64),) for i in range(2)]
+    served = calibrate_and_convert(qmodel, batches, method="awq")
+    x = _outlier_inputs(99, 128)
+    plans = layer_plans(qmodel)
+    assert {p.op for p in plans.values()} == {Op.EINSUM}
+    qmax = float(get_qtype("int4").qmax)
+    for path, inp in (("up", x), ("down", nnx.gelu(model.up(x)))):
+        layer, ref, plan = getattr(served, path), getattr(model, path), plans[path]
+        assert isinstance(layer.input_scale, InputScale), path
+        s = layer.input_scale.get_value()
+        assert s.shape == input_scale_shape(plan) == ((D,) if path == "up" else (2, 16))
+        assert not np.allclose(s, 1.0), path  # the outliers give a real scale
+        q = layer.kernel.get_value()
+        ws = ref.kernel.get_value() * _on_kernel(plan, s)
+        step = step_per_element(q)
+        e = jnp.maximum(step / 2, jnp.abs(ws) - qmax * step)
+        assert float(jnp.max(jnp.abs(q.dequantize(jnp.float32) - ws) - e)) <= 1e-6, path
+        xs = inp / _on_kernel(plan, s).reshape(s.shape)  # s on the input's trailing axes
+        bound = jnp.einsum(ref.einsum_str, jnp.abs(xs), e)
+        slack = 8 * EPS32 * jnp.einsum(ref.einsum_str, jnp.abs(xs), jnp.abs(ws)) + 1e-6
+        y, y_float = layer(inp), ref(inp)
+        err = jnp.abs(y - y_float)
+        assert bool(jnp.all(err <= bound + slack)), (path, float(jnp.max(err - bound - slack)))
+        assert float(jnp.max(err)) > 1e-4 * float(jnp.max(jnp.abs(y_float))), path
+
+    save_serving(tmp_path / "nnx", served)
+    restored = restore_serving(tmp_path / "nnx", NNXEinsums(nnx.Rngs(5)), x[:2])
+    for path in ("up", "down"):
+        got = getattr(restored, path).input_scale
+        assert isinstance(got, InputScale), path
+        np.testing.assert_array_equal(got.get_value(), getattr(served, path).input_scale.get_value())
+    np.testing.assert_array_equal(restored(x), served(x))
 
 
 # --- sequential (blocks=) ---------------------------------------------------------------------
