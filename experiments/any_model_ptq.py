@@ -20,7 +20,10 @@ with the blocks before it quantized) and AWQ / AWQ+GPTQ (``method="awq"`` / ``"a
 per-input-channel scale searched per layer, kept by the served layer as its ``input_scale``),
 the serving bytes against float32, and the user lines of code of the PTQ (the exact lines run
 below). Embedding tables stay float (GPTQ has no matrix
-product to calibrate for a lookup).
+product to calibrate for a lookup) except in ``int4-compact``, which also stores 16-bit group
+scales: the serving size of llama.cpp's Q4_0 (4.5 bits per weight). ``bytes`` splits each
+serving tree into its quantized tensors (against their own float32 size) and its float
+leftovers (biases, norms, position tables).
 
     python experiments/any_model_ptq.py            # ~3 minutes of CPU
 """
@@ -58,14 +61,29 @@ USER_CODE = {
 }
 
 
-def rules_for(name: str, bits: int) -> list:
-    """int4 g32 (per channel for the attention output, which contracts two axes) or int8 per
-    channel; the LM's embedding table float."""
-    rules = [jq.QuantRule(r"^embed$", None)] if name == "nnx_lm" else []
-    if name != "linen_cnn" and bits == 4:
-        rules.append(jq.QuantRule(r"(^|/)out$", jq.weight_only("int4")))
-    cfg = jq.weight_only("int8") if bits == 8 else jq.weight_only("int4", group_size=32)
-    return [*rules, jq.QuantRule(r".*", cfg)]
+# The formats measured: name -> (weight qtype, group size, scale dtype, LM embedding quantized).
+# "int4" and "int8" are the library's defaults; "int4-compact" is the serving-size setting of
+# llama.cpp's Q4_0 (groups of 32, 16-bit scales) with the LM's embedding table int4 too.
+FORMATS = {
+    "int4": ("int4", 32, "float32", False),
+    "int8": ("int8", None, "float32", False),
+    "int4-compact": ("int4", 32, "bfloat16", True),
+}
+
+
+def rules_for(name: str, fmt: str) -> list:
+    """The format's rules: weight-only, the attention output projection (contracting two axes)
+    per output channel at int4, the LM's embedding table float unless the format says not."""
+    qtype, group, scale_dtype, embed = FORMATS[fmt]
+
+    def cfg(group_size):
+        return jq.DotGeneralConfig(rhs=jq.QuantSpec(qtype=qtype, group_size=group_size,
+                                                    scale_dtype=scale_dtype))
+
+    rules = [jq.QuantRule(r"^embed$", None)] if name == "nnx_lm" and not embed else []
+    if name != "linen_cnn" and group is not None:
+        rules.append(jq.QuantRule(r"(^|/)out$", cfg(None)))
+    return [*rules, jq.QuantRule(r".*", cfg(group))]
 
 
 # --- the models, as the docs write them -------------------------------------------------------
@@ -196,6 +214,19 @@ def tree_bytes(tree) -> int:
     return int(sum(v.nbytes if isinstance(v, QArray) else np.asarray(v).nbytes for v in leaves))
 
 
+def bytes_breakdown(tree, f32: int) -> dict:
+    """Where a serving tree's bytes go, as fractions of the float32 model's ``f32`` bytes:
+    the quantized tensors against their own float32 size, and the float leftovers (biases,
+    norms, position tables, float embeddings) against the whole model's."""
+    leaves = jax.tree.leaves(tree, is_leaf=lambda v: isinstance(v, QArray))
+    qarrays = [v for v in leaves if isinstance(v, QArray)]
+    q_bytes = sum(v.nbytes for v in qarrays)
+    q_f32 = sum(4 * int(np.prod(v.shape)) for v in qarrays)
+    rest = sum(np.asarray(v).nbytes for v in leaves if not isinstance(v, QArray))
+    return {"quantized_vs_their_f32": q_bytes / q_f32, "float_leftovers_vs_f32": rest / f32,
+            "quantized_share_of_f32": q_f32 / f32}
+
+
 def nnx_tree(module) -> dict:
     return nnx.to_pure_dict(nnx.state(module, nnx.Not(nnx.RngState)))
 
@@ -207,8 +238,8 @@ def rel_err(y, ref) -> float:
 # --- the runs ----------------------------------------------------------------------------------
 
 
-# The scaled methods run at each width (int4 only: at int8 every method is close to float).
-AWQ_METHODS = {4: ("awq", "awq+gptq"), 8: ()}
+# The scaled methods run per format (int4 only: at int8 every method is close to float).
+AWQ_METHODS = {"int4": ("awq", "awq+gptq"), "int8": (), "int4-compact": ()}
 # The regex naming each model's repeated blocks (sequential GPTQ); the CNN has none.
 BLOCKS = {"linen_cnn": None, "linen_vit": r"block_\d+", "nnx_lm": r"blocks/\d+"}
 
@@ -221,8 +252,8 @@ def _linen_rows(name, model, make_x, n_batches: int, batch: int, seed: int) -> d
     ref = jax.jit(model.apply)(variables, x_test)
     f32 = tree_bytes(variables)
     rows = {}
-    for bits in (4, 8):
-        rules = rules_for(name, bits)
+    for fmt in FORMATS:
+        rules = rules_for(name, fmt)
         t0 = time.time()
         qmodel = jq.quantize_model(model, rules, x)
         serving = calibrate_and_convert(qmodel, variables, batches)
@@ -230,12 +261,12 @@ def _linen_rows(name, model, make_x, n_batches: int, batch: int, seed: int) -> d
         t_gptq = time.time() - t0
         rtn = to_serving(qmodel, variables)
         seq = None
-        if BLOCKS[name] and bits == 4:
+        if BLOCKS[name] and fmt == "int4":
             seq_serving = calibrate_and_convert(qmodel, variables, batches, blocks=BLOCKS[name])
             seq = rel_err(jax.jit(qmodel.apply)(seq_serving, x_test), ref)
         awq = {m: rel_err(jax.jit(qmodel.apply)(calibrate_and_convert(
-            qmodel, variables, batches, method=m), x_test), ref) for m in AWQ_METHODS[bits]}
-        rows[f"int{bits}"] = {
+            qmodel, variables, batches, method=m), x_test), ref) for m in AWQ_METHODS[fmt]}
+        rows[fmt] = {
             "rtn_rel_err": rel_err(jax.jit(qmodel.apply)(rtn, x_test), ref),
             "gptq_rel_err": rel_err(y, ref),
             "gptq_sequential_rel_err": seq,
@@ -245,6 +276,7 @@ def _linen_rows(name, model, make_x, n_batches: int, batch: int, seed: int) -> d
             "f32_bytes": f32,
             "vs_f32": tree_bytes(serving) / f32,
             "rtn_bytes": tree_bytes(rtn),
+            "bytes": bytes_breakdown(serving, f32),
             "gptq_seconds": round(t_gptq, 1),
         }
     return rows
@@ -258,8 +290,8 @@ def _nnx_rows(name, n_batches: int, batch: int, seed: int, length: int = 32) -> 
     ref = model(x_test)
     f32 = tree_bytes(nnx_tree(model))
     rows = {}
-    for bits in (4, 8):
-        rules = rules_for(name, bits)
+    for fmt in FORMATS:
+        rules = rules_for(name, fmt)
         t0 = time.time()
         qmodel = jq.quantize_model(model, rules, x)
         served = calibrate_and_convert(qmodel, batches)
@@ -267,11 +299,11 @@ def _nnx_rows(name, n_batches: int, batch: int, seed: int, length: int = 32) -> 
         t_gptq = time.time() - t0
         rtn = to_serving(qmodel)
         seq = None
-        if bits == 4:
+        if fmt == "int4":
             seq = rel_err(calibrate_and_convert(qmodel, batches, blocks=BLOCKS[name])(x_test), ref)
         awq = {m: rel_err(calibrate_and_convert(qmodel, batches, method=m)(x_test), ref)
-               for m in AWQ_METHODS[bits]}
-        rows[f"int{bits}"] = {
+               for m in AWQ_METHODS[fmt]}
+        rows[fmt] = {
             "rtn_rel_err": rel_err(rtn(x_test), ref),
             "gptq_rel_err": rel_err(y, ref),
             "gptq_sequential_rel_err": seq,
@@ -281,6 +313,7 @@ def _nnx_rows(name, n_batches: int, batch: int, seed: int, length: int = 32) -> 
             "f32_bytes": f32,
             "vs_f32": tree_bytes(nnx_tree(served)) / f32,
             "rtn_bytes": tree_bytes(nnx_tree(rtn)),
+            "bytes": bytes_breakdown(nnx_tree(served), f32),
             "gptq_seconds": round(t_gptq, 1),
         }
     return rows
@@ -338,8 +371,13 @@ def main(argv=None) -> dict:
     t0 = time.time()
     result = {
         "config": {"batches": args.batches, "batch": args.batch, "seed": args.seed,
-                   "held_out": 4 * args.batch, "formats": {"int4": "weight-only int4 g32 "
-                   "(attention out: per channel)", "int8": "weight-only int8 per channel"}},
+                   "held_out": 4 * args.batch, "formats": {
+                       "int4": "weight-only int4 g32, f32 scales (attention out: per channel)",
+                       "int8": "weight-only int8 per channel",
+                       "int4-compact": "int4 g32 with bfloat16 scales (llama.cpp Q4_0's size); "
+                                       "the LM's embedding table int4 too"},
+                   "awq": "AWQConfig() defaults: alpha search, then the clip search (awq); "
+                          "no clip before GPTQ (awq+gptq)"},
         **run(args.batches, args.batch, args.seed),
         "seconds": round(time.time() - t0, 1),
         "environment": env,
