@@ -6,7 +6,9 @@ tree, ``apply`` / ``apply(..., method=...)`` / ``jax.jit`` and nesting as a subm
 model work as on ``model``. The subclass only wraps the model's methods: each runs under an
 ``nn.intercept_methods`` interceptor that gives the matched stock layers (``nn.Dense``,
 ``nn.DenseGeneral``, ``nn.Einsum``, ``nn.Conv``) a quantized product. The model's code is not
-edited, and its submodules are the stock ones.
+edited, and its submodules are the stock ones. jaxquant's own float layers (``QDense``,
+``QDenseGeneral``, ``QEinsum``, as jaxquant's :class:`~jaxquant.nn.Transformer` is built) are
+matched too: the interceptor sets their ``config`` and ``mode`` for the call.
 
 The plans (which layers, contracting axes, group sizes used) live on the subclass; read them
 with :func:`layer_plans`. :func:`convert_linen` turns float variables into serving variables
@@ -44,11 +46,17 @@ from jaxquant.nn.layer_quant import (
     promote_keep_qarray,
     unsupported_error,
 )
+from jaxquant.nn.linear import QEinsum, QuantizedLinear
+from jaxquant.nn.modes import QuantMode
 from jaxquant.nn.quant_attention import AttentionEinsum, attention_plan
 from jaxquant.nn.rules import QuantRule, match_rule, warn_unused_rules
 
+# jaxquant's own layers have no product hook: their config and mode fields are set instead.
+NATIVE = "config"
 # linen layer type -> (op, hook field, hook class field); Einsum has no hook (run here).
 _LINEN_LAYERS = {
+    QEinsum: (Op.EINSUM, NATIVE, None),
+    QuantizedLinear: (Op.DOT, NATIVE, None),
     nn.Dense: (Op.DOT, "dot_general", "dot_general_cls"),
     nn.DenseGeneral: (Op.DOT, "dot_general", "dot_general_cls"),
     nn.Conv: (Op.CONV, "conv_general_dilated", "conv_general_dilated_cls"),
@@ -274,6 +282,14 @@ def _plan_linen(model, rules, args, kwargs) -> dict[str, LayerPlan]:
             return next_fun(*fargs, **fkwargs)
         if ctx.method_name != "__call__":
             return next_fun(*fargs, **fkwargs)
+        if hook == NATIVE:
+            _check_native(mod, path, name)
+            out = next_fun(*fargs, **fkwargs)
+            kernel = mod.get_variable("params", "kernel")
+            x = fargs[0] if fargs else fkwargs["x"]
+            axes = native_dimension_numbers(mod, x)[0][1]
+            plans[path] = make_plan(path, name, op, kernel.shape, axes, config)
+            return out
         if op is Op.ATTENTION:
             plan = attention_plan(path, name, config)
             if plan is not None:
@@ -316,6 +332,35 @@ def _plan_linen(model, rules, args, kwargs) -> dict[str, LayerPlan]:
             raise unsupported_error(path, seen.get(path, "module"), m[1])
     warn_unused_rules(rules, {*owners, *plans, *attentions})
     return plans
+
+
+def native_dimension_numbers(mod: QuantizedLinear, x) -> tuple:
+    """``((x_axes, kernel_axes), ((), ()))``: what a jaxquant layer contracts of its input
+    ``x`` with its kernel (an einsum's paired contracting axes)."""
+    nd = jnp.ndim(x)
+    if isinstance(mod, QEinsum):
+        spec = parse_einsum(expand_ellipsis(mod.einsum_str, nd, len(mod.shape)))
+        return (spec.lhs_contracting, spec.rhs_contracting), ((), ())
+    k_axes = tuple(mod.kernel_contracting_axes(x))
+    if hasattr(mod, "axis"):  # QDenseGeneral: the input's axes, in order
+        axis = mod.axis if isinstance(mod.axis, (tuple, list)) else (mod.axis,)
+        return (tuple(sorted(int(a) % nd for a in axis)), k_axes), ((), ())
+    return ((nd - 1,), k_axes), ((), ())
+
+
+def _check_native(mod: QuantizedLinear, path: str, name: str) -> None:
+    """A jaxquant layer a rule matches must be float as built (the rule gives its config)."""
+    if mod.config is not None or mod.learned_scale or mod.static_activation is not None:
+        raise ValueError(
+            f"{path}: this {name} is already quantized by its own config; quantize_model "
+            "quantizes float models. Build it with config=None (e.g. a TransformerConfig "
+            f"without quant_rules), or put QuantRule(r'^{path}$', None) first to leave it as is."
+        )
+    if mod.mode != QuantMode.TRAIN:
+        raise ValueError(
+            f"{path}: this {name} is in mode {mod.mode.name}; quantize_model takes the float "
+            "model in TRAIN mode (it serves with the same model)."
+        )
 
 
 def _own_hook_error(path: str, layer: str, hook: str) -> ValueError:
@@ -367,6 +412,8 @@ class _Interceptor:
         scale = None  # AWQ / SmoothQuant: the input is divided by it (jaxquant.nn.input_scale)
         if mod.has_variable("params", INPUT_SCALE):
             scale = mod.get_variable("params", INPUT_SCALE)
+        if hook == NATIVE:
+            return _linen_native(mod, plan, served, args, kwargs, scale, next_fun)
         if op is Op.EINSUM:
             return _linen_einsum(mod, plan, stored if served else None, args, kwargs, scale)
         hook_fn = ConvOp(plan) if op is Op.CONV else DotOp(plan)
@@ -433,6 +480,19 @@ def _served_param(mod, plan: LayerPlan, q: QArray):
         return q
 
     return param
+
+
+def _linen_native(mod: QuantizedLinear, plan: LayerPlan, served: bool, args, kwargs, scale,
+                  next_fun):
+    """A jaxquant layer: the plan's config, TRAIN on float kernels (QAT) or SERVE on a QArray
+    kernel, its input divided by the input scale first when there is one."""
+    if scale is not None:
+        x = args[0] if args else kwargs.pop("x")
+        x = divide(plan, x, scale, native_dimension_numbers(mod, x)[0][0])
+        args = (x, *args[1:])
+    mode = QuantMode.SERVE if served else QuantMode.TRAIN
+    with _patched(mod, {"config": plan.config, "mode": mode}):
+        return next_fun(*args, **kwargs)
 
 
 def _linen_einsum(mod: nn.Einsum, plan: LayerPlan, served: QArray | None, args, kwargs, scale):
