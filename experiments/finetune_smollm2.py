@@ -107,6 +107,7 @@ ROWS = (
     Row("qat-int4-gptq", "qat:int4:g128", "gptq", "qat"),
     Row("qat-int4-rtn-lsq", "qat:int4:g128:lsq", "rtn", "qat"),
     Row("qat-int2-gptq-lsq", "qat:int2:g64:lsq", "gptq", "qat"),
+    Row("qat-int4-gptq-lsq", "qat:int4:g128:lsq", "gptq", "qat"),
     Row("rtn-int2", "eval:rtn:int2:g64"),
     Row("qat-int2-rtn", "qat:int2:g64", "rtn", "qat"),
     Row("rtn-int3", "eval:rtn:int3:g128"),
