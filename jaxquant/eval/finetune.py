@@ -41,6 +41,7 @@ import abc
 import dataclasses
 import functools
 import time
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -65,7 +66,7 @@ from jaxquant.nn.transformer import Transformer
 from jaxquant.ptq.pipeline import serving_config
 from jaxquant.ptq.recipe import Recipe, parse_recipe
 from jaxquant.train.loop import LoopConfig, WindowBatches, has_checkpoint, train
-from jaxquant.train.step import TrainState, make_optimizer, make_train_step
+from jaxquant.train.step import TrainState, make_optimizer, make_schedule, make_train_step
 
 __all__ = ["METHODS", "FinetuneConfig", "FinetuneMethod", "FloatMethod", "LoRAMethod", "Prepared",
            "QATMethod", "QLoRAMethod", "check_out", "finetune", "make_finetune_step",
@@ -286,8 +287,21 @@ class QATMethod(FinetuneMethod):
                                           calib_len=config.calib_len, seed=config.seed,
                                           progress=progress)
         params = _dequantized(qparams, keep_scales=self.lsq)
+        qt = QTYPES[canonical_qtype(self.qtype)]
+        reach = grid_reach(qparams, config, max_code=max(abs(qt.qmin), qt.qmax) if self.lsq
+                           else None)
+        if not reach["codes_can_move"]:
+            warnings.warn(
+                f"--init gptq puts every weight at the centre of its {self.qtype} cell, "
+                f"{reach['median_step'] / 2:.3g} (half the median step) from a rounding "
+                f"boundary, but {config.steps} steps at lr {config.learning_rate:g} move a "
+                f"weight{' or a scale' if self.lsq else ''} by at most about "
+                f"{reach['reach']:.3g}: no code will change, only the float params (embedding, "
+                "norms) train. Raise --steps or --lr, or use --init rtn.",
+                stacklevel=2)
         return Prepared(train_cfg, self._with_scales(train_cfg, params),
-                        {"init": "gptq", "init_recipe": recipe.name, **info})
+                        {"init": "gptq", "init_recipe": recipe.name, "grid_reach": reach,
+                         **info})
 
     def _with_scales(self, train_cfg, params):
         """LSQ: ``params`` plus the RTN scale of each projection that has no scale yet."""
@@ -301,6 +315,36 @@ class QATMethod(FinetuneMethod):
         # The served model is an ordinary quantized one: its rules don't need learned_scale.
         rules = tuple(dataclasses.replace(r, learned_scale=False) for r in cfg.quant_rules)
         return dataclasses.replace(cfg, quant_rules=rules), params, info
+
+
+def grid_reach(qparams, config: FinetuneConfig, *, max_code: int | None = None
+               ) -> dict[str, Any]:
+    """How far the run can move a weight against the grid's step (QAT from PTQ's weights).
+
+    Adam moves a param by at most about the learning rate a step, so over the run by at most
+    ``reach = sum(lr_t)`` of the schedule. A weight at the centre of its cell (GPTQ's
+    dequantized weights) changes code only when the reach is at least half a step. A learned
+    (LSQ) scale moves by the same reach, which shifts code ``c`` by ``c * reach / scale`` steps.
+
+    Args:
+      qparams: PTQ serving params (QArray kernels).
+      config: the run's settings (steps, learning rate, warmup).
+      max_code: with learned scales, the largest ``|code|`` of the format (int4: 8); None: the
+        scales are not trained.
+
+    Returns:
+      ``{"reach", "median_step", "codes_can_move"}``: the reach, the median ``|scale|`` of the
+      QArray kernels of ``qparams``, and whether the reach (times ``max_code``) is at least
+      half of it.
+    """
+    schedule = make_schedule(config.learning_rate, config.warmup_steps, config.steps)
+    reach = float(sum(float(schedule(i)) for i in range(config.steps)))
+    scales = [np.abs(np.asarray(q.scale, np.float32)).ravel()
+              for q in jax.tree.leaves(qparams, is_leaf=lambda v: isinstance(v, QArray))
+              if isinstance(q, QArray)]
+    step = float(np.median(np.concatenate(scales))) if scales else float("nan")
+    lever = max(1, max_code or 1)
+    return {"reach": reach, "median_step": step, "codes_can_move": not reach * lever < step / 2}
 
 
 def _dequantized(qparams, *, keep_scales: bool):
