@@ -104,17 +104,21 @@ def images(key, n: int) -> jax.Array:
     return x + 0.1 * jax.random.normal(jax.random.fold_in(key, 1), x.shape)
 
 
-def teacher_data(seed: int, n_train: int, n_test: int):
-    teacher = CNN()
+def teacher_data(seed: int, n_train: int, n_test: int, teacher=None, make_images=None):
+    """``(x, labels)`` train and held-out sets labelled by a random float ``teacher`` (a linen
+    module; the CNN by default) on ``make_images(key, n)`` (this file's ``images`` by
+    default)."""
+    teacher = CNN() if teacher is None else teacher
+    draw = images if make_images is None else make_images
     k_t, k_train, k_test = jax.random.split(jax.random.key(seed), 3)
-    x0 = images(k_train, n_train)
+    x0 = draw(k_train, n_train)
     tparams = teacher.init(k_t, x0[:1])
     logits = jax.jit(teacher.apply)
     # standardized per class over the train set, so the classes come out about balanced
     l0 = logits(tparams, x0)
     mean, std = l0.mean(0), l0.std(0)
     label = lambda x: jnp.argmax((logits(tparams, x) - mean) / std, -1)  # noqa: E731
-    x1 = images(k_test, n_test)
+    x1 = draw(k_test, n_test)
     return (x0, label(x0)), (x1, label(x1))
 
 
