@@ -219,14 +219,19 @@ class QDense(QuantizedLinear):
     def kernel_contracting_axes(self, *_) -> tuple[int, ...]:
         return (0,)
 
+    def dimension_numbers(self, ndim: int) -> tuple:
+        """The ``dot_general`` dimension numbers of an input of rank ``ndim`` with the kernel."""
+        return ((ndim - 1,), (0,)), ((), ())
+
     @nn.compact
     def __call__(self, x):
         if self.features <= 0:
             raise ValueError(f"QDense needs features > 0, got {self.features}.")
         nd = jnp.ndim(x)
+        dims = self.dimension_numbers(nd)
 
         def product(x, k, cfg):
-            return dot_general(x, k, (((nd - 1,), (0,)), ((), ())), self.precision, config=cfg)
+            return dot_general(x, k, dims, self.precision, config=cfg)
 
         y = self._apply(x, (jnp.shape(x)[-1], self.features), (nd - 1,), (0,), product)
         if self.use_bias:
@@ -257,18 +262,23 @@ class QDenseGeneral(QuantizedLinear):
         n = len(self.axis) if isinstance(self.axis, Sequence) else 1
         return tuple(range(n))
 
+    def dimension_numbers(self, ndim: int) -> tuple:
+        """The ``dot_general`` dimension numbers of an input of rank ``ndim`` with the kernel."""
+        xa = self._axes(ndim)
+        return (xa, tuple(range(len(xa)))), ((), ())
+
     @nn.compact
     def __call__(self, x):
         feats = tuple(self.features) if isinstance(self.features, Sequence) else (self.features,)
         if not feats or any(f <= 0 for f in feats):
             raise ValueError(f"QDenseGeneral needs positive features, got {self.features!r}.")
         nd = jnp.ndim(x)
-        xa = self._axes(nd)
-        ka = tuple(range(len(xa)))
+        dims = self.dimension_numbers(nd)
+        (xa, ka), _ = dims
         shape = tuple(jnp.shape(x)[a] for a in xa) + feats
 
         def product(x, k, cfg):
-            return dot_general(x, k, ((xa, ka), ((), ())), self.precision, config=cfg)
+            return dot_general(x, k, dims, self.precision, config=cfg)
 
         return self._apply(x, shape, xa, ka, product)
 
@@ -291,6 +301,11 @@ class QEinsum(QuantizedLinear):
 
     def kernel_contracting_axes(self, *_) -> tuple[int, ...]:
         return parse_einsum(self.einsum_str).rhs_contracting
+
+    def dimension_numbers(self, ndim: int) -> tuple:
+        """The einsum's contracting and batch axes as ``dot_general`` dimension numbers, for an
+        input of rank ``ndim``."""
+        return parse_einsum(self.einsum_str, ndim).dimension_numbers
 
     @nn.compact
     def __call__(self, x):

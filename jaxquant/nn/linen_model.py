@@ -286,8 +286,7 @@ def _plan_linen(model, rules, args, kwargs) -> dict[str, LayerPlan]:
             _check_native(mod, path, name)
             out = next_fun(*fargs, **fkwargs)
             kernel = mod.get_variable("params", "kernel")
-            x = fargs[0] if fargs else fkwargs["x"]
-            axes = native_dimension_numbers(mod, x)[0][1]
+            axes = mod.kernel_contracting_axes(fargs[0] if fargs else fkwargs["x"])  # what the layer's own CONVERT quantizes
             plans[path] = make_plan(path, name, op, kernel.shape, axes, config)
             return out
         if op is Op.ATTENTION:
@@ -332,20 +331,6 @@ def _plan_linen(model, rules, args, kwargs) -> dict[str, LayerPlan]:
             raise unsupported_error(path, seen.get(path, "module"), m[1])
     warn_unused_rules(rules, {*owners, *plans, *attentions})
     return plans
-
-
-def native_dimension_numbers(mod: QuantizedLinear, x) -> tuple:
-    """``((x_axes, kernel_axes), ((), ()))``: what a jaxquant layer contracts of its input
-    ``x`` with its kernel (an einsum's paired contracting axes)."""
-    nd = jnp.ndim(x)
-    if isinstance(mod, QEinsum):
-        spec = parse_einsum(expand_ellipsis(mod.einsum_str, nd, len(mod.shape)))
-        return (spec.lhs_contracting, spec.rhs_contracting), ((), ())
-    k_axes = tuple(mod.kernel_contracting_axes(x))
-    if hasattr(mod, "axis"):  # QDenseGeneral: the input's axes, in order
-        axis = mod.axis if isinstance(mod.axis, (tuple, list)) else (mod.axis,)
-        return (tuple(sorted(int(a) % nd for a in axis)), k_axes), ((), ())
-    return ((nd - 1,), k_axes), ((), ())
 
 
 def _check_native(mod: QuantizedLinear, path: str, name: str) -> None:
@@ -488,7 +473,9 @@ def _linen_native(mod: QuantizedLinear, plan: LayerPlan, served: bool, args, kwa
     kernel, its input divided by the input scale first when there is one."""
     if scale is not None:
         x = args[0] if args else kwargs.pop("x")
-        x = divide(plan, x, scale, native_dimension_numbers(mod, x)[0][0])
+        axes = (einsum_axes(plan, mod.einsum_str, x) if isinstance(mod, QEinsum)
+                else mod.dimension_numbers(x.ndim)[0][0])
+        x = divide(plan, x, scale, axes)
         args = (x, *args[1:])
     mode = QuantMode.SERVE if served else QuantMode.TRAIN
     with _patched(mod, {"config": plan.config, "mode": mode}):

@@ -24,7 +24,7 @@ from flax import traverse_util
 from jaxquant.nn.any_model import layer_plans
 from jaxquant.nn.layer_quant import LayerPlan, Op
 from jaxquant.nn.linear import QuantizedLinear
-from jaxquant.nn.linen_model import _patched, float_linen, native_dimension_numbers
+from jaxquant.nn.linen_model import _patched, float_linen
 from jaxquant.nn.rules import module_path
 from jaxquant.ptq.hessian import InputStats, stats_init, stats_update
 from jaxquant.ptq.kernel_view import LayerCallError, conv_rows, dot_rows, einsum_rows
@@ -122,7 +122,7 @@ def _linen_interceptor(sink: _Sink):
             return next_fun(*args, **kwargs)
         if isinstance(mod, QuantizedLinear) and plan.op is Op.DOT:  # jaxquant's: no hook
             x = args[0] if args else kwargs["x"]
-            sink.add(plan.path, dot_rows(plan, x, native_dimension_numbers(mod, x))[None])
+            sink.add(plan.path, dot_rows(plan, x, mod.dimension_numbers(jnp.ndim(x)))[None])
             return next_fun(*args, **kwargs)
         if plan.op is Op.EINSUM:  # linen's Einsum has no hook: its input is the call's
             x = args[0] if args else kwargs["inputs"]

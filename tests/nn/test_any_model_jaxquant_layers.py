@@ -129,3 +129,26 @@ def test_jaxquant_general_layers_train_convert_serve(layer):
     served = dataclasses.replace(built, mode=QuantMode.SERVE)
     np.testing.assert_array_equal(np.asarray(qlayer.apply(serving, x)),
                                   np.asarray(served.apply(serving, x)))
+
+
+@pytest.mark.parametrize("layer", [
+    QDenseGeneral(features=(2, 8), axis=(-2, -1)),
+    QEinsum(shape=(4, 16, 6), einsum_str="bhk,hkf->bf"),
+])
+def test_jaxquant_general_layers_with_an_input_scale(layer):
+    """AWQ on a layer contracting two input axes: the served layer is exactly the float layer
+    with kernel ``Q(W s) / s`` (``s [4, 16]`` along the contracted axes)."""
+    x = jax.random.normal(jax.random.key(1), (3, 4, 16)) * jnp.linspace(0.2, 3.0, 16)
+    qlayer = jq.quantize_model(layer, [jq.QuantRule(".*", jq.weight_only("int4"))], x)
+    v = layer.init(jax.random.key(0), x)
+    batches = [(jax.random.normal(jax.random.key(i), (8, 4, 16)) * jnp.linspace(0.2, 3.0, 16),)
+               for i in (2, 3)]
+    served = jq.calibrate_and_convert(qlayer, v, batches, method=AWQConfig(alpha=0.5,
+                                                                            clip=False))
+    s = served["params"]["input_scale"]
+    assert s.shape == (4, 16) and not np.allclose(np.asarray(s), 1.0)
+    q = served["params"]["kernel"]
+    w = q.dequantize(jnp.float32) / s.reshape(s.shape + (1,) * (q.ndim - 2))
+    np.testing.assert_allclose(np.asarray(qlayer.apply(served, x)),
+                               np.asarray(layer.apply({"params": {"kernel": w}}, x)),
+                               rtol=1e-5, atol=1e-5)
