@@ -135,6 +135,7 @@ def weight_only(
     *,
     symmetric: bool = True,
     calibration: str | None = None,
+    full_range: bool = False,
 ) -> DotGeneralConfig:
     """Quantized weights (rhs) times float activations; float backward.
 
@@ -144,8 +145,12 @@ def weight_only(
       symmetric: False adds a zero point per column / group.
       calibration: range calibration of the weights; None is the format's own (``"absmax"``,
         or ``"absmean"`` for ternary and binary).
+      full_range: a symmetric int grid that uses every code (int4: -8..7, as llama.cpp's Q4_0
+        and the command line's recipes do) instead of ``-qmax..qmax``
+        (:attr:`~jaxquant.core.spec.QuantSpec.full_range`).
     """
-    spec = QuantSpec(qtype=qtype, group_size=group_size, symmetric=symmetric, calibration=calibration)
+    spec = QuantSpec(qtype=qtype, group_size=group_size, symmetric=symmetric,
+                     calibration=calibration, full_range=full_range)
     return DotGeneralConfig(rhs=spec)
 
 

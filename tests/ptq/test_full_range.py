@@ -119,3 +119,20 @@ def test_recipe_round_trips_through_the_checkpoint_sidecar(tmp_path, text):
     k, k2 = sp["block_0"]["attn"]["q_proj"]["kernel"], sp2["block_0"]["attn"]["q_proj"]["kernel"]
     jax.tree.map(np.testing.assert_array_equal, k, k2)
     assert bool(np.asarray(k.codes()).min() == -8) is recipe.full_range
+
+
+def test_weight_only_takes_the_full_grid():
+    """``jq.weight_only(..., full_range=True)`` is the recipes' default grid: the same spec as
+    ``rtn:int4:g128``, with code -8 in use; the layer API's default stays -7..7."""
+    import jaxquant as jq
+
+    cfg = jq.weight_only("int4", group_size=128, full_range=True)
+    assert cfg.rhs == parse_recipe("rtn:int4:g128").dot_config.rhs
+    w = jax.random.normal(jax.random.key(0), (256, 8))
+    full = np.asarray(quantize_operand(w, cfg.rhs, (0,)).codes())
+    narrow = np.asarray(quantize_operand(w, jq.weight_only("int4", group_size=128).rhs,
+                                         (0,)).codes())
+    assert full.min() == -8 and full.max() <= 7
+    assert narrow.min() >= -7 and narrow.max() <= 7
+    with pytest.raises(ValueError, match="full_range"):
+        jq.weight_only("nf4", full_range=True)
