@@ -106,6 +106,10 @@ ROWS = (
     # the QLoRA paper evaluates, so the fair match for float LoRA; the row above re-quantizes
     # the merged model to NF4 for a 4.5-bit serving set.
     Row("qlora-r16-asis", "qlora:r16", family="lora", extra=("--requant", "none")),
+    # Five times the adapter learning rate, the same steps (the QLoRA goal's pair).
+    Row("qlora-r16-asis-lr1e-3", "qlora:r16", family="lora", extra=("--requant", "none"),
+        lr=1e-3),
+    Row("lora-r16-lr1e-3", "lora:r16", family="lora", lr=1e-3),
     Row("nf4", "eval:rtn:nf4:g64"),
     Row("rtn-int4", "eval:rtn:int4:g128"),
     Row("gptq-int4", "eval:gptq:int4:g128"),
