@@ -100,6 +100,9 @@ ROWS = (
     Row("ft-float-lr1e-3", "float", family="float", lr=1e-3),
     Row("gptq-int2", "eval:gptq:int2:g64"),
     Row("qat-int2-gptq", "qat:int2:g64", "gptq", "qat"),
+    # At 10x lr from RTN's init (from GPTQ's the codes sit half an int2 step from any boundary,
+    # out of reach even at 1e-3: results/qat_grid_reach.json).
+    Row("qat-int2-rtn-lr1e-3", "qat:int2:g64", "rtn", "qat", lr=1e-3),
     Row("lora-r16", "lora:r16", family="lora"),
     Row("qlora-r16", "qlora:r16", family="qlora"),
     # The model QLoRA trained (NF4 base dequantized + adapters, merged, served float): what
@@ -204,7 +207,8 @@ def report(path: Path) -> str:
     for label, r in rows.items():
         p = r["perplexity"]
         bits = r.get("bits_per_weight")
-        lines.append(f"| {label} | `{r['method']}` | {r['init'] if r['family'] == 'qat' else ''} "
+        method = r["method"] + (f" --lr {r['lr']:g}" if r.get("lr") else "")
+        lines.append(f"| {label} | `{method}` | {r['init'] if r['family'] == 'qat' else ''} "
                      f"| {'' if bits is None else f'{bits:.2f}'} | {p['ptb']:.3f} "
                      f"| {p['shakespeare']:.3f} | {p['kjv']:.3f} | {r['wall_seconds']:.0f} |")
     return "\n".join(lines + ["", *goals(rows)])
@@ -221,16 +225,23 @@ def goals(rows: dict) -> list[str]:
     if f and q:
         out.append(f"- QAT int4 g128 within 3% of the float fine-tune (PTB test): "
                    f"{q:.3f} vs {f:.3f}, {100 * (q / f - 1):+.2f}%")
+    floats = [v for v in (f, ppl("ft-float-lr1e-3")) if v]
+    q10, f10 = ppl("qat-int4-rtn-lr1e-3"), ppl("ft-float-lr1e-3")
+    if q10 and f10:
+        out.append(f"- the same at lr 1e-3 for both: {q10:.3f} vs {f10:.3f}, "
+                   f"{100 * (q10 / f10 - 1):+.2f}%; against the better float fine-tune "
+                   f"({min(floats):.3f}): {100 * (q10 / min(floats) - 1):+.2f}%")
     g, q2 = ppl("gptq-int2"), ppl("qat-int2-gptq")
     if f and g and q2:
         out.append(f"- QAT int2 g64 (from GPTQ) removes {100 * (g - q2) / (g - f):.1f}% of GPTQ "
                    f"int2's gap to the float fine-tune (PTB test: {q2:.3f}, GPTQ {g:.3f})")
-    lo = ppl("lora-r16")
-    for label, what in (("qlora-r16-asis", "as trained"), ("qlora-r16", "re-quantized to NF4")):
-        ql = ppl(label)
-        if lo and ql:
-            out.append(f"- QLoRA NF4+DQ r16 ({what}) within 2% of float LoRA r16 (PTB test): "
-                       f"{ql:.3f} vs {lo:.3f}, {100 * (ql / lo - 1):+.2f}%")
+    for suffix, note in (("", ""), ("-lr1e-3", " at lr 1e-3")):
+        lo = ppl("lora-r16" + suffix)
+        for label, what in (("qlora-r16-asis", "as trained"), ("qlora-r16", "re-quantized to NF4")):
+            ql = ppl(label + suffix)
+            if lo and ql:
+                out.append(f"- QLoRA NF4+DQ r16 ({what}){note} within 2% of float LoRA r16 (PTB "
+                           f"test): {ql:.3f} vs {lo:.3f}, {100 * (ql / lo - 1):+.2f}%")
     return out
 
 
