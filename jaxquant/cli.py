@@ -385,10 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--init", choices=["rtn", "gptq"], default="rtn",
                     help="qat: start from the float weights (rtn) or GPTQ's weights "
                          "(with :lsq also GPTQ's scales)")
-    ft.add_argument("--requant", help="lora/qlora: PTQ of the merged model for serving: rtn "
-                                      "(rtn:nf4:g64, the qlora default) | gptq (gptq:int4:g64) "
-                                      "| a recipe such as gptq:int4:g128 | none (serve the merged "
-                                      "model float; lora's default)")
+    ft.add_argument("--requant", help="float/lora/qlora: PTQ of the trained (merged) model for "
+                                      "serving: a recipe such as gptq:int4:g128 (fine-tune, then "
+                                      "quantize) | qlora: rtn (rtn:nf4:g64, its default) or gptq "
+                                      "(gptq:int4:g64) | none (serve it float; float's and "
+                                      "lora's default)")
     ft.add_argument("--max-tokens", type=int, help="score only this many test tokens")
     ft.add_argument("--eval-seq-len", type=int, default=2048)
     ft.add_argument("--heldout", default="none",

@@ -110,6 +110,9 @@ class FinetuneMethod(abc.ABC):
     """A fine-tuning method: how the model is set up, trained and turned into serving params."""
 
     kind: ClassVar[str]
+    # The serving model of a float-served method (float, LoRA) is the trained float model, or
+    # with ``--requant RECIPE`` its PTQ; ``default_requant`` applies without --requant.
+    default_requant: ClassVar[str | None] = None
 
     @classmethod
     @abc.abstractmethod
@@ -126,9 +129,39 @@ class FinetuneMethod(abc.ABC):
         if config.init != "rtn":
             raise ValueError(f"--init {config.init} applies to weight-only qat methods, not "
                              f"{self.name}; drop --init.")
-        if config.requant is not None:
-            raise ValueError(f"--requant applies to lora / qlora (re-quantizing the merged "
-                             f"model), not {self.name}; drop --requant.")
+        recipe = self.requant_recipe(config)
+        if recipe is not None and recipe.dot_config is None:
+            raise ValueError(f"--requant {config.requant}: not a quantizing recipe; omit "
+                             "--requant to serve the trained model float.")
+
+    def requant_recipe(self, config: FinetuneConfig) -> Recipe | None:
+        """The PTQ recipe of the trained float model for serving (None: serve it float)."""
+        text = config.requant or self.default_requant
+        if text is None or text in NO_REQUANT:
+            return None
+        return parse_recipe(self._grid_recipe(text))
+
+    def _grid_recipe(self, text: str) -> str:
+        """A bare ``rtn`` / ``gptq`` names the frozen base's grid, which only QLoRA has."""
+        if text in ("rtn", "gptq"):
+            raise ValueError(f"--requant {text} on {self.name} needs a grid: pass a recipe "
+                             f"such as --requant {text}:int4:g128.")
+        return text
+
+    def _requantized(self, train_cfg: TransformerConfig, params, *, model: LoadedModel,
+                     config: FinetuneConfig, dataset: str, progress: bool
+                     ) -> tuple[TransformerConfig, Any, dict]:
+        """The trained float ``params`` served float, or their PTQ by ``--requant``."""
+        recipe = self.requant_recipe(config)
+        if recipe is None:
+            return train_cfg, params, {"requant": None}
+        trained = LoadedModel(model.name, model.cfg, params, model.tokenizer)
+        cfg, qparams, info = tasks.quantize(trained, recipe, dataset=dataset,
+                                            calib_data=config.calib_data or dataset,
+                                            calib_windows=config.calib_windows,
+                                            calib_len=config.calib_len, seed=config.seed,
+                                            progress=progress)
+        return cfg, qparams, {"requant": recipe.name, **info}
 
     @abc.abstractmethod
     def prepare(self, model: LoadedModel, config: FinetuneConfig, *, resume: bool,
@@ -164,7 +197,9 @@ class FinetuneMethod(abc.ABC):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FloatMethod(FinetuneMethod):
-    """``float``: every param trained in float."""
+    """``float``: every param trained in float; served float, or with ``--requant RECIPE`` as
+    its PTQ (``gptq:int4:g128``: the "fine-tune, then quantize" baseline QAT is measured
+    against)."""
 
     kind: ClassVar[str] = "float"
 
@@ -180,6 +215,10 @@ class FloatMethod(FinetuneMethod):
 
     def prepare(self, model, config, *, resume, dataset, progress):
         return Prepared(model.cfg, model.params, {"init": "float"})
+
+    def to_serving(self, prepared, state, *, model, config, dataset, progress):
+        return self._requantized(prepared.train_cfg, state.params, model=model, config=config,
+                                 dataset=dataset, progress=progress)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -272,8 +311,8 @@ class QATMethod(FinetuneMethod):
             raise ValueError("--init gptq applies to weight-only qat methods, not qat:w8a8; "
                              "drop --init.")
         if config.requant is not None:
-            raise ValueError(f"--requant applies to lora / qlora, not {self.name} (QAT serves "
-                             "its own trained grid); drop --requant.")
+            raise ValueError(f"--requant applies to float / lora / qlora, not {self.name} (QAT "
+                             "serves its own trained grid); drop --requant.")
 
     def prepare(self, model, config, *, resume, dataset, progress):
         train_cfg = self.train_config(model.cfg)
@@ -372,7 +411,6 @@ class LoRAMethod(FinetuneMethod):
 
     kind: ClassVar[str] = "lora"
     base_qtype: ClassVar[str | None] = None
-    default_requant: ClassVar[str | None] = None
     rank: int = 16
 
     def __post_init__(self):
@@ -398,28 +436,12 @@ class LoRAMethod(FinetuneMethod):
 
         return LoRAConfig(rank=self.rank, base=self.base_qtype)
 
-    def requant_recipe(self, config: FinetuneConfig) -> Recipe | None:
-        """The PTQ recipe of the merged model (None: serve it float)."""
-        text = config.requant or self.default_requant
-        if text is None or text in NO_REQUANT:
-            return None
-        if text in ("rtn", "gptq"):  # the frozen base's blocks
-            if self.base_qtype is None:
-                raise ValueError(f"--requant {text} on {self.name} needs a grid: pass a recipe "
-                                 f"such as --requant {text}:int4:g128.")
+    def _grid_recipe(self, text):
+        if text in ("rtn", "gptq") and self.base_qtype is not None:  # the frozen base's blocks
             # RTN: the base's own NF4 grid; GPTQ works on int grids: int4, same blocks.
             qtype = self.base_qtype if text == "rtn" else "int4"
-            text = f"{text}:{qtype}:g{self.lora.block_size}"
-        return parse_recipe(text)
-
-    def check(self, config):
-        if config.init != "rtn":
-            raise ValueError(f"--init {config.init} applies to qat methods, not {self.name}; "
-                             "drop --init.")
-        recipe = self.requant_recipe(config)
-        if recipe is not None and recipe.dot_config is None:
-            raise ValueError(f"--requant {config.requant}: not a quantizing recipe; omit "
-                             "--requant to serve the merged model float.")
+            return f"{text}:{qtype}:g{self.lora.block_size}"
+        return super()._grid_recipe(text)
 
     def prepare(self, model, config, *, resume, dataset, progress):
         from jaxquant.train.lora import base_memory, init_lora
@@ -456,16 +478,8 @@ class LoRAMethod(FinetuneMethod):
 
         lora = self.lora
         merged = jax.jit(lambda b, a: merge_adapters(b, a, lora))(prepared.extra, state.adapters)
-        recipe = self.requant_recipe(config)
-        if recipe is None:
-            return prepared.train_cfg, merged, {"requant": None}
-        merged_model = LoadedModel(model.name, model.cfg, merged, model.tokenizer)
-        cfg, params, info = tasks.quantize(merged_model, recipe, dataset=dataset,
-                                           calib_data=config.calib_data or dataset,
-                                           calib_windows=config.calib_windows,
-                                           calib_len=config.calib_len, seed=config.seed,
-                                           progress=progress)
-        return cfg, params, {"requant": recipe.name, **info}
+        return self._requantized(prepared.train_cfg, merged, model=model, config=config,
+                                 dataset=dataset, progress=progress)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -530,9 +544,9 @@ class FinetuneConfig:
       calib_windows: GPTQ calibration windows (``init="gptq"``).
       calib_len: their length.
       calib_data: GPTQ's calibration text (None: the training data set's train split).
-      requant: (Q)LoRA: the PTQ recipe of the merged model (``rtn`` / ``gptq``: on the frozen
-        base's grid; or a recipe such as ``gptq:int4:g128``); None: the method's default
-        (qlora: ``rtn``, lora: float).
+      requant: float / (Q)LoRA: the PTQ recipe of the trained (merged) model for serving, such
+        as ``gptq:int4:g128`` (QLoRA also takes ``rtn`` / ``gptq``: on the frozen base's grid);
+        None: the method's default (qlora: ``rtn``, float and lora: served float).
     """
 
     method: FinetuneMethod

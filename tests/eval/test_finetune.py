@@ -143,6 +143,25 @@ def test_qlora_saves_adapters_and_serves_the_merged_model_requantized(tiny, tmp_
     assert side["recipe"] == "qlora:r4 -> rtn:nf4:g64"
 
 
+def test_float_finetune_requant_serves_the_ptq_of_the_trained_model(tiny, tmp_path):
+    """``float --requant RECIPE``: the fine-tune-then-quantize baseline QAT is measured against;
+    the served params are exactly RECIPE applied to the last training checkpoint's params."""
+    out, js = tmp_path / "f", tmp_path / "f.json"
+    assert cli.main(["finetune", *RUN, "--method", "float", "--requant", "rtn:int4:g32",
+                     "--out", str(out), "--json", str(js), *EV, "--eval-seq-len", "64"]) == 0
+    r = json.loads(js.read_text())
+    assert r["serving"]["requant"] == "rtn:int4:g32"
+    assert r["bits_per_weight"] == pytest.approx(4 + 32 / 32)
+    trained = _train_state(tiny, out, STEPS, method="float").params
+    assert not np.array_equal(np.asarray(jax.tree.leaves(trained)[0]),
+                              np.asarray(jax.tree.leaves(tiny.params)[0]))  # it trained
+    _, want, _ = quantize_model(tiny.cfg, trained, parse_recipe("rtn:int4:g32"), progress=False)
+    _, got, side = saved.load_quantized(out)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert side["recipe"] == "float -> rtn:int4:g32"
+
+
 def _fails(capsys, *argv, match):
     assert cli.main(["finetune", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -163,9 +182,12 @@ def test_errors_are_one_line_and_say_what_to_do(run, tmp_path, capsys):
     _fails(capsys, *RUN, "--method", "qlora:r0", "--out", new, match="rank must be an int >= 1")
     _fails(capsys, *RUN, "--method", "lora:16", "--out", new, match=r"lora\[:rRANK\]")
     _fails(capsys, *RUN, "--method", "qat:int4", "--requant", "gptq", "--out", new,
-           match="--requant applies to lora / qlora")
-    _fails(capsys, *RUN, "--method", "lora", "--requant", "rtn", "--out", new,
-           match="needs a grid.*rtn:int4:g128")
+           match="--requant applies to float / lora / qlora")
+    for method in ("lora", "float"):
+        _fails(capsys, *RUN, "--method", method, "--requant", "rtn", "--out", new,
+               match="needs a grid.*rtn:int4:g128")
+    _fails(capsys, *RUN, "--method", "float", "--requant", "fp32", "--out", new,
+           match="not a quantizing recipe")
     _fails(capsys, *RUN, "--method", "float", "--out", new, "--resume",
            match=rf"--resume: {new} holds no training checkpoint.*without --resume")
     _fails(capsys, *RUN, "--method", "qat:int4:g32", "--out", str(out),
