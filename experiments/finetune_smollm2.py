@@ -100,9 +100,10 @@ ROWS = (
     Row("ft-float-lr1e-3", "float", family="float", lr=1e-3),
     Row("gptq-int2", "eval:gptq:int2:g64"),
     Row("qat-int2-gptq", "qat:int2:g64", "gptq", "qat"),
-    # At 10x lr from RTN's init (from GPTQ's the codes sit half an int2 step from any boundary,
-    # out of reach even at 1e-3: results/qat_grid_reach.json).
-    Row("qat-int2-rtn-lr1e-3", "qat:int2:g64", "rtn", "qat", lr=1e-3),
+    # Fine-tune float, then quantize (GPTQ on the same PTB calibration windows): the baseline
+    # that QAT must beat to be worth its cost (torchao's and LLM-QAT's comparison).
+    Row("ft-float-gptq-int4", "float", family="ft+ptq", extra=("--requant", "gptq:int4:g128")),
+    Row("ft-float-gptq-int2", "float", family="ft+ptq", extra=("--requant", "gptq:int2:g64")),
     Row("lora-r16", "lora:r16", family="lora"),
     Row("qlora-r16", "qlora:r16", family="qlora"),
     # The model QLoRA trained (NF4 base dequantized + adapters, merged, served float): what
@@ -160,7 +161,7 @@ def run_row(row: Row, b: Budget) -> dict:
             "bits_per_weight", "model_bytes", "train_seconds", "prepare", "serving", "config",
             "recipe")
     return {"label": row.label, "method": row.method, "init": row.init, "family": row.family,
-            **({"lr": row.lr} if row.lr else {}),
+            **({"lr": row.lr} if row.lr else {}), **({"extra": list(row.extra)} if row.extra else {}),
             "perplexity": _scores(result), "wall_seconds": round(time.time() - t0, 1),
             **{k: result[k] for k in keep if k in result}}
 
@@ -207,7 +208,8 @@ def report(path: Path) -> str:
     for label, r in rows.items():
         p = r["perplexity"]
         bits = r.get("bits_per_weight")
-        method = r["method"] + (f" --lr {r['lr']:g}" if r.get("lr") else "")
+        method = " ".join([r["method"], *([f"--lr {r['lr']:g}"] if r.get("lr") else []),
+                           *r.get("extra", [])])
         lines.append(f"| {label} | `{method}` | {r['init'] if r['family'] == 'qat' else ''} "
                      f"| {'' if bits is None else f'{bits:.2f}'} | {p['ptb']:.3f} "
                      f"| {p['shakespeare']:.3f} | {p['kjv']:.3f} | {r['wall_seconds']:.0f} |")
@@ -231,6 +233,12 @@ def goals(rows: dict) -> list[str]:
         out.append(f"- the same at lr 1e-3 for both: {q10:.3f} vs {f10:.3f}, "
                    f"{100 * (q10 / f10 - 1):+.2f}%; against the better float fine-tune "
                    f"({min(floats):.3f}): {100 * (q10 / min(floats) - 1):+.2f}%")
+    for bits, qat in (("int4", "qat-int4-rtn"), ("int2", "qat-int2-gptq")):
+        ftq, qv = ppl(f"ft-float-gptq-{bits}"), ppl(qat)
+        if f and ftq and qv:
+            out.append(f"- QAT {bits} ({qat}) against the float fine-tune then GPTQ {bits}: "
+                       f"{qv:.3f} vs {ftq:.3f}; QAT recovers {100 * (ftq - qv) / (ftq - f):.1f}% "
+                       f"of that PTQ's loss against the float fine-tune ({f:.3f})")
     g, q2 = ppl("gptq-int2"), ppl("qat-int2-gptq")
     if f and g and q2:
         out.append(f"- QAT int2 g64 (from GPTQ) removes {100 * (g - q2) / (g - f):.1f}% of GPTQ "
@@ -253,8 +261,8 @@ def plot(path: Path, png: Path) -> None:
 
     rows = json.loads(path.read_text())["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    marks = {"ptq": "o", "qat": "s", "qlora": "^", "lora": "v", "float": "*"}
-    colors = {"ptq": "tab:blue", "qat": "tab:green", "qlora": "tab:red"}
+    marks = {"ptq": "o", "ft+ptq": "D", "qat": "s", "qlora": "^", "lora": "v", "float": "*"}
+    colors = {"ptq": "tab:blue", "ft+ptq": "tab:purple", "qat": "tab:green", "qlora": "tab:red"}
     for ax, corpus in zip(axes, ("ptb", "heldout"), strict=True):
         for r in rows:
             y = r["perplexity"]["ptb"] if corpus == "ptb" else _mean_heldout(r)
