@@ -11,8 +11,9 @@ about 15 minutes of one shared CPU core, is 0.39 M params, 200 steps of 16 x 128
 
 then float, QAT int4 g128 and QAT int2 g64 continue from the trained float model for
 ``finetune_steps`` more steps (QAT as a fine-tune), and the float model is quantized
-post-training (RTN and GPTQ at int4 g128 and int2 g64, and
-W8A8). Every row is scored on the first ``eval_tokens`` bytes of PTB test by the same path
+post-training (RTN and GPTQ at int4 g128 and int2 g64, and W8A8), both as trained and after
+its own ``finetune_steps`` more steps: "PTQ ... of float+N" is the equal-compute match of the
+QAT fine-tunes (fine-tune, then quantize). Every row is scored on the first ``eval_tokens`` bytes of PTB test by the same path
 (``jaxquant.eval.tasks``; the QAT rows from their saved serving checkpoints). The training runs
 go through :func:`jaxquant.eval.finetune.finetune`, as ``jaxquant finetune`` does.
 
@@ -20,6 +21,7 @@ Usage::
 
     nice -n 5 python experiments/finetune_small.py              # ~15 min of one CPU core
     python experiments/finetune_small.py --steps 20 --d-model 64 --eval-tokens 4096   # smoke
+    python experiments/finetune_small.py --methods float ...   # skip the from-scratch QAT runs
 """
 
 from __future__ import annotations
@@ -91,8 +93,12 @@ def small_model(budget: Budget):
     return LoadedModel(name, cfg, params, byte_tokenizer())
 
 
-def run(budget: Budget, work: Path, on_row=None) -> dict:
-    """Trains and scores every row; ``on_row(result)`` after each (to write partial JSON)."""
+def run(budget: Budget, work: Path, on_row=None, methods=QAT_METHODS) -> dict:
+    """Trains and scores every row; ``on_row(result)`` after each (to write partial JSON).
+    ``methods``: the from-scratch runs (float first, always)."""
+    if not methods or methods[0] != "float" or set(methods) - set(QAT_METHODS):
+        raise ValueError(f"methods must start with 'float' and be among {QAT_METHODS}; "
+                         f"got {methods}.")
     import jax
     import numpy as np
 
@@ -115,8 +121,8 @@ def run(budget: Budget, work: Path, on_row=None) -> dict:
         return tasks.evaluate_params(cfg, params, test, seq_len=budget.seq_len,
                                      max_tokens=budget.eval_tokens, progress=False)
 
-    trained_float = None
-    for method in QAT_METHODS:
+    trained_float = finetuned_float = None
+    for method in methods:
         config = ft.FinetuneConfig(method=ft.parse_method(method), steps=budget.steps,
                                    batch_size=budget.batch_size, seq_len=budget.seq_len,
                                    learning_rate=budget.learning_rate,
@@ -149,22 +155,30 @@ def run(budget: Budget, work: Path, on_row=None) -> dict:
                      "perplexity": r["perplexity"],
                      "final_train_loss": r["final_train_loss_mean"],
                      "loss_curve": r["loss_curve"], "train_seconds": r["train_seconds"]})
+        if method == "float":
+            _, params, _ = load_quantized(out)
+            finetuned_float = LoadedModel(base.name + "-float-ft", base.cfg, params,
+                                          base.tokenizer)
         print(f"{method} from float: ppl {r['perplexity']:.3f}", flush=True)
         if on_row:
             on_row(result)
-    for text in PTQ_RECIPES:
-        recipe = parse_recipe(text)
-        cfg, params, info = tasks.quantize(trained_float, recipe, calib_windows=budget.calib_windows,
-                                           calib_len=budget.seq_len, seed=budget.seed,
-                                           progress=False)
-        ppl = score(cfg, params)
-        rows.append({"row": f"PTQ {recipe.name} of float", "kind": "PTQ",
-                     "bits_per_weight": tasks.weight_stats(params)["bits_per_weight"],
-                     "perplexity": ppl["perplexity"],
-                     "quantize_seconds": info["quantize_seconds"]})
-        print(f"PTQ {recipe.name}: ppl {ppl['perplexity']:.3f}", flush=True)
-        if on_row:
-            on_row(result)
+    ptq_of = [("float", trained_float)]
+    if finetuned_float is not None:
+        ptq_of.append((f"float+{budget.finetune_steps}", finetuned_float))
+    for name, model in ptq_of:
+        for text in PTQ_RECIPES:
+            recipe = parse_recipe(text)
+            cfg, params, info = tasks.quantize(model, recipe, calib_windows=budget.calib_windows,
+                                               calib_len=budget.seq_len, seed=budget.seed,
+                                               progress=False)
+            ppl = score(cfg, params)
+            rows.append({"row": f"PTQ {recipe.name} of {name}", "kind": "PTQ",
+                         "bits_per_weight": tasks.weight_stats(params)["bits_per_weight"],
+                         "perplexity": ppl["perplexity"],
+                         "quantize_seconds": info["quantize_seconds"]})
+            print(f"PTQ {recipe.name} of {name}: ppl {ppl['perplexity']:.3f}", flush=True)
+            if on_row:
+                on_row(result)
     result["goals"] = goals(rows)
     return result
 
@@ -191,6 +205,12 @@ def goals(rows: list[dict]) -> dict:
         if ftq is not None and ppl(f"PTQ gptq:{q} of float"):
             out[f"qat_{q.replace(':', '_')}_from_float_vs_gptq_ppl_ratio"] = (
                 ftq["perplexity"] / ppl(f"PTQ gptq:{q} of float"))
+        # Equal compute: the QAT fine-tune against GPTQ of the float model fine-tuned as long.
+        gq = next((r for r in rows if r["row"].startswith(f"PTQ gptq:{q} of float+")), None)
+        if ftq is not None and gq is not None:
+            key = f"qat_{q.replace(':', '_')}_from_float_vs_gptq_of_float_ft"
+            out[key + "_ppl_ratio"] = ftq["perplexity"] / gq["perplexity"]
+            out[key.replace("_vs_", "_beats_")] = ftq["perplexity"] < gq["perplexity"]
     if ppl("qat:int2:g64") and ppl("PTQ gptq:int2:g64 of float"):
         out["gptq_int2_over_qat_int2_ppl_ratio"] = (ppl("PTQ gptq:int2:g64 of float")
                                                     / ppl("qat:int2:g64"))
@@ -216,6 +236,8 @@ def main(argv=None) -> dict:
     for f in dataclasses.fields(Budget):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     p.add_argument("--json", default=str(RESULTS))
+    p.add_argument("--methods", default=",".join(QAT_METHODS),
+                   help="the from-scratch runs, comma list starting with float")
     args = p.parse_args(argv)
     budget = Budget(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Budget)})
     t0 = time.time()
@@ -233,7 +255,7 @@ def main(argv=None) -> dict:
         path.write_text(json.dumps(result, indent=2, default=str) + "\n")
 
     with tempfile.TemporaryDirectory(prefix="finetune_small-") as work:
-        result = run(budget, Path(work), on_row=write)
+        result = run(budget, Path(work), on_row=write, methods=tuple(args.methods.split(",")))
     write(result)
     print("\n" + markdown(result))
     print(json.dumps(result["goals"], indent=2))
