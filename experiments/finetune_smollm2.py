@@ -161,7 +161,8 @@ def run_row(row: Row, b: Budget) -> dict:
             "bits_per_weight", "model_bytes", "train_seconds", "prepare", "serving", "config",
             "recipe")
     return {"label": row.label, "method": row.method, "init": row.init, "family": row.family,
-            **({"lr": row.lr} if row.lr else {}), **({"extra": list(row.extra)} if row.extra else {}),
+            **({"lr": row.lr} if row.lr else {}),
+            **({"extra": list(row.extra)} if row.extra else {}),
             "perplexity": _scores(result), "wall_seconds": round(time.time() - t0, 1),
             **{k: result[k] for k in keep if k in result}}
 
