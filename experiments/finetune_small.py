@@ -14,8 +14,9 @@ then float, QAT int4 g128 and QAT int2 g64 continue from the trained float model
 post-training (RTN and GPTQ at int4 g128 and int2 g64, and W8A8), both as trained and after
 its own ``finetune_steps`` more steps: "PTQ ... of float+N" is the equal-compute match of the
 QAT fine-tunes (fine-tune, then quantize). Every row is scored on the first ``eval_tokens``
-bytes of PTB test by the same path (``jaxquant.eval.tasks``; the QAT rows from their saved serving checkpoints). The training runs
-go through :func:`jaxquant.eval.finetune.finetune`, as ``jaxquant finetune`` does.
+bytes of PTB test by the same path (``jaxquant.eval.tasks``; the QAT rows from their saved
+serving checkpoints). The training runs go through :func:`jaxquant.eval.finetune.finetune`,
+as ``jaxquant finetune`` does.
 
 Usage::
 
